@@ -1,0 +1,1 @@
+"""The Flower ClientApp side of fedpriv: local training on the client's own data."""

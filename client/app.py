@@ -1,0 +1,88 @@
+"""Flower ClientApp: receives the global model and the run's configuration, trains on local data, replies.
+
+The app is built around a *data source*: a function that returns this node's local data. The simulation
+(``simulations/apps.py``) plugs in a partition of a bundled dataset; a deployed SuperNode plugs in files from
+its ``data-path``. Everything else the client needs travels in the message's ``config`` record (the run's
+resolved configuration, kebab-case keys), so the same app works under ``fedpriv simulate`` and ``flwr run``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """A node's local data: images (N, 1, S, S) float32 and labels (N,) int64."""
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    client_id: str
+
+
+DataSource = Callable[[Context, Mapping[str, Any]], ClientData]
+
+
+def client_id(context: Context) -> str:
+    """Stable id of this client: its partition id in simulation, else its node id."""
+    pid = context.node_config.get("partition-id")
+    return str(pid) if pid is not None else str(context.node_id)
+
+
+def _seed(cfg: Mapping[str, Any], context: Context) -> int:
+    pid = context.node_config.get("partition-id", context.node_id % 100_003)
+    return int(cfg.get("seed", 0)) * 1_000_003 + int(pid) * 1009 + int(cfg.get("server-round", 0))
+
+
+def local_fit(arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData, seed: int) -> RecordDict:
+    """Train the received model on ``data`` for the configured local epochs; reply arrays and metrics."""
+    from models import TrainConfig, build_model, set_torch_threads, train
+
+    set_torch_threads(int(float(cfg.get("client-cpus", 1.0))))
+    model = build_model(str(cfg["model"]), image_size=data.x.shape[-1], num_classes=data.num_classes)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    tcfg = TrainConfig(
+        epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
+        momentum=float(cfg["momentum"]), weight_decay=float(cfg["weight-decay"]), optimizer=str(cfg["optimizer"]),
+    )
+    loss = train(model, data.x, data.y, tcfg, seed=seed)
+    metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data.y)})
+    return RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+
+
+def local_evaluate(arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData) -> RecordDict:
+    """Evaluate the received model on the local data."""
+    from models import build_model, evaluate
+
+    model = build_model(str(cfg["model"]), image_size=data.x.shape[-1], num_classes=data.num_classes)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    loss, acc = evaluate(model, data.x, data.y)
+    metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(data.y)})
+    return RecordDict({"metrics": metrics})
+
+
+def build_client_app(data_source: DataSource) -> ClientApp:
+    """Build the ClientApp that trains and evaluates on what ``data_source`` returns."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        cfg = dict(msg.content["config"])
+        data = data_source(context, cfg)
+        content = local_fit(msg.content["arrays"], cfg, data, _seed(cfg, context))
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        cfg = dict(msg.content["config"])
+        data = data_source(context, cfg)
+        return Message(content=local_evaluate(msg.content["arrays"], cfg, data), reply_to=msg)
+
+    return app

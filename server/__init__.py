@@ -1,0 +1,1 @@
+"""The Flower ServerApp side of fedpriv: configuration, the round loop, run directory and checkpoints."""

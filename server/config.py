@@ -1,0 +1,197 @@
+"""Run configuration: one flat table of kebab-case keys, validated with every error collected.
+
+The same keys are used by bundled experiments (TOML), ``fedpriv simulate --set key=value`` and Flower's
+``[tool.flwr.app.config]`` / ``flwr run --run-config``. :class:`RunConfig` declares each key once, with its
+type, default, allowed values and help; :func:`resolve_config` turns raw values into a ``RunConfig`` or
+raises :class:`ConfigError` listing *all* problems, one line each (key, value given, what is expected).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+STRATEGIES = ("fedavg",)
+DATASETS = ("digits", "fashion-mnist")
+MODELS = ("mlp", "cnn")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class ConfigError(Exception):
+    """One or more configuration errors; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: Iterable[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+         lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A config field with its validation metadata (bounds are inclusive unless *_open)."""
+    meta = {"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A fully resolved run configuration (attribute ``num_clients`` ↔ key ``num-clients``)."""
+
+    experiment: str = _opt("digits-fedavg", "bundled experiment name (or TOML path) the other keys override")
+    description: str = _opt("", "one-line description shown by `fedpriv experiments`")
+    strategy: str = _opt("fedavg", "federated algorithm", choices=STRATEGIES)
+    # data
+    dataset: str = _opt("digits", "dataset", choices=DATASETS)
+    data_dir: str = _opt("", "directory of the Fashion-MNIST IDX files (default: Debian's path)")
+    test_fraction: float = _opt(0.2, "held-out test share of digits", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    partition: str = _opt("iid", "how training data is split over clients", choices=PARTITIONS)
+    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration of label proportions", lo=0.0, lo_open=True)
+    classes_per_client: int = _opt(2, "classes per client for the pathological partition", lo=1)
+    # federation
+    num_clients: int = _opt(10, "number of clients (simulated SuperNodes)", lo=1)
+    num_rounds: int = _opt(10, "federated rounds", lo=1)
+    fraction_train: float = _opt(1.0, "share of clients sampled to train each round", lo=0.0, hi=1.0, lo_open=True)
+    fraction_evaluate: float = _opt(0.0, "share of clients sampled for federated evaluation", lo=0.0, hi=1.0)
+    round_timeout: float = _opt(600.0, "seconds to wait for client replies in a round", lo=0.0, lo_open=True)
+    node_wait_timeout: float = _opt(120.0, "seconds to wait for num-clients nodes to connect", lo=0.0, lo_open=True)
+    client_cpus: float = _opt(1.0, "CPU cores reserved per simulated client", lo=0.0, lo_open=True)
+    # model and local training
+    model: str = _opt("mlp", "network", choices=MODELS)
+    local_epochs: int = _opt(1, "local epochs per round", lo=1)
+    batch_size: int = _opt(32, "local batch size", lo=1)
+    lr: float = _opt(0.05, "local learning rate", lo=0.0, lo_open=True)
+    momentum: float = _opt(0.9, "SGD momentum", lo=0.0, hi=1.0, hi_open=True)
+    weight_decay: float = _opt(0.0, "weight decay", lo=0.0)
+    optimizer: str = _opt("sgd", "local optimizer", choices=OPTIMIZERS)
+    seed: int = _opt(0, "seed of partitions, initial model, client sampling and local shuffling")
+    # outputs
+    out: str = _opt("", "run directory (default runs/<experiment>-<UTC timestamp>)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as kebab-case keys (what ``config.toml`` and clients receive)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+KEYS: dict[str, Any] = {f.name.replace("_", "-"): f for f in fields(RunConfig)}
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """(key, type name, default, help) for every key, for documentation and `--help`."""
+    out = []
+    for key, f in KEYS.items():
+        typ = f.type if isinstance(f.type, str) else f.type.__name__
+        default = f.default if f.default is not MISSING else None
+        help_ = f.metadata["help"] + (f" ({' | '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
+        out.append((key, typ, default, help_))
+    return out
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _coerce(key: str, typ: str, value: Any) -> tuple[Any, str | None]:
+    """Convert ``value`` (TOML-typed, or a string from the command line) to ``typ``."""
+    expected = _TYPE_WORDS[typ]
+    bad = f"{key}: expected {expected}, got {value!r}"
+    if typ == "str":
+        return (value, None) if isinstance(value, str) else (None, bad)
+    if typ == "bool":
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true", None
+        return None, bad
+    if isinstance(value, bool):
+        return None, bad
+    if typ == "int":
+        if isinstance(value, int):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+        if isinstance(value, str):
+            try:
+                return int(value), None
+            except ValueError:
+                return None, bad
+        return None, bad
+    # float
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str):
+        try:
+            out = float(value)
+        except ValueError:
+            return None, bad
+    else:
+        return None, bad
+    if not math.isfinite(out):
+        return None, f"{key}: expected a finite number, got {value!r}"
+    return out, None
+
+
+def _range_error(key: str, value: float, meta: Mapping[str, Any]) -> str | None:
+    lo, hi = meta["lo"], meta["hi"]
+    too_low = lo is not None and (value <= lo if meta["lo_open"] else value < lo)
+    too_high = hi is not None and (value >= hi if meta["hi_open"] else value > hi)
+    if not (too_low or too_high):
+        return None
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if meta['lo_open'] else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if meta['hi_open'] else '<='} {hi:g}")
+    return f"{key}: expected a value {' and '.join(parts)}, got {value!r}"
+
+
+def resolve_config(
+    *layers: Mapping[str, Any], extra_checks: Callable[[RunConfig], list[str]] | None = None
+) -> RunConfig:
+    """Merge raw layers (later wins) over the defaults and validate everything.
+
+    Parameters
+    ----------
+    *layers : Mapping[str, Any]
+        Raw key → value maps (experiment file, overrides ...). Keys are kebab-case.
+    extra_checks : callable, optional
+        Checks that need more than the values (e.g. dataset sizes, files on disk); returns error lines.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem: unknown keys (with a suggestion), wrong types, out-of-range values,
+        and the cross-field and extra checks.
+    """
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, raw in layer.items():
+            if key not in KEYS:
+                hint = difflib.get_close_matches(key, KEYS, n=1)
+                errors.append(f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else
+                              "; `fedpriv experiments --keys` lists the keys"))
+                continue
+            f = KEYS[key]
+            typ = f.type if isinstance(f.type, str) else f.type.__name__
+            value, err = _coerce(key, typ, raw)
+            if err:
+                errors.append(err)
+                continue
+            meta = f.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                errors.append(f"{key}: expected one of {', '.join(meta['choices'])}, got {value!r}")
+                continue
+            if typ in ("int", "float") and (rng := _range_error(key, value, meta)):
+                errors.append(rng)
+                continue
+            values[f.name] = value
+    if errors:
+        raise ConfigError(errors)
+    cfg = RunConfig(**values)
+    if extra_checks is not None:
+        errors.extend(extra_checks(cfg))
+    if errors:
+        raise ConfigError(errors)
+    return cfg

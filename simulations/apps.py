@@ -1,0 +1,80 @@
+"""The Flower apps of a simulation: ServerApp/ClientApp wired to the bundled datasets and experiments.
+
+These are the ``[tool.flwr.app.components]`` of ``pyproject.toml`` (for ``flwr run .``) and what
+``fedpriv simulate`` runs in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid
+
+from client.app import ClientData, build_client_app
+from server.app import ServerSetup, TestData, build_server_app
+from server.config import RunConfig
+from server.rundir import default_run_dir
+from simulations.datasets import load_dataset
+from simulations.experiments import resolve
+from simulations.partition import partition_indices
+
+_CLIENT_CACHE: dict[tuple[Any, ...], ClientData] = {}
+
+
+def partition_data(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> ClientData:
+    """The training partition ``partition_id`` of the configured dataset (cached per process)."""
+    spec = ("dataset", "data-dir", "test-fraction", "partition", "dirichlet-alpha", "classes-per-client", "seed")
+    key = (*(cfg[k] for k in spec), partition_id, num_partitions)
+    if key not in _CLIENT_CACHE:
+        ds = load_dataset(str(cfg["dataset"]), data_dir=str(cfg["data-dir"]),
+                          test_fraction=float(cfg["test-fraction"]))
+        parts = partition_indices(
+            ds.y_train, num_partitions, str(cfg["partition"]), alpha=float(cfg["dirichlet-alpha"]),
+            classes_per_client=int(cfg["classes-per-client"]), seed=int(cfg["seed"]),
+        )
+        idx = parts[partition_id]
+        _CLIENT_CACHE[key] = ClientData(ds.x_train[idx], ds.y_train[idx], ds.num_classes, str(partition_id))
+    return _CLIENT_CACHE[key]
+
+
+def simulation_data_source(context: Context, cfg: Mapping[str, Any]) -> ClientData:
+    """Data source of a simulated SuperNode: its partition, from the node config Flower assigns."""
+    return partition_data(cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))
+
+
+def test_data(cfg: RunConfig) -> TestData:
+    """The held-out test set of the configured dataset."""
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction)
+    return TestData(ds.x_test, ds.y_test, ds.num_classes)
+
+
+def flwr_run_overrides(run_config: Mapping[str, Any], user_overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys a ``flwr run`` user changed: given with ``--run-config``, or edited in ``pyproject.toml``.
+
+    ``[tool.flwr.app.config]`` lists every key (Flower only accepts overrides of listed keys) with the resolved
+    values of the default experiment; a value that differs from those was edited, and wins over the selected
+    experiment's value like a ``--run-config`` override does.
+    """
+    baseline = resolve().to_dict()
+    return {k: v for k, v in run_config.items() if k in user_overrides or baseline.get(k) != v}
+
+
+def setup_from_context(grid: Grid, context: Context) -> ServerSetup:
+    """Server setup for ``flwr run``: the selected ``experiment`` plus the user's overrides."""
+    fedpriv_log = logging.getLogger("fedpriv")
+    if not fedpriv_log.handlers:  # show fedpriv's round lines in Flower's log stream
+        fedpriv_log.handlers = list(logging.getLogger("flwr").handlers)
+        fedpriv_log.setLevel(logging.INFO)
+        fedpriv_log.propagate = False
+    overrides = flwr_run_overrides(context.run_config, grid.run.override_config)
+    cfg = resolve(str(overrides.pop("experiment", context.run_config.get("experiment", ""))) or None, overrides)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.experiment)
+    return ServerSetup(config=cfg, test_data=test_data(cfg), run_dir=run_dir)
+
+
+server_app = build_server_app(setup_from_context)
+client_app = build_client_app(simulation_data_source)

@@ -1,0 +1,156 @@
+"""The ``fedpriv`` command: ``simulate``, ``experiments`` (and more as the product grows).
+
+Exit codes: 0 when a run completed (or stopped cleanly on a privacy budget), 2 for usage and configuration
+errors (one line each, no traceback), 1 for a failed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+logger = logging.getLogger("fedpriv")
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed as one line per error, exit 2."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+def parse_sets(items: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """``["num-rounds=3", "lr=0.1"]`` → ``({"num-rounds": "3", "lr": "0.1"}, errors)``; values typed later."""
+    out, errors = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            errors.append(f"--set: expected key=value, got {item!r}")
+            continue
+        out[key.strip()] = value.strip()
+    return out, errors
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedpriv", description="Federated, privacy-preserving training on Flower.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("simulate", help="run a federated simulation locally",
+                       description="Run a bundled experiment (or a TOML file) as a Flower simulation.")
+    s.add_argument("experiment", nargs="?", default=None, help="bundled experiment name or .toml path "
+                   "(default digits-fedavg; `fedpriv experiments` lists them)")
+    s.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set num-rounds=3 partition=dirichlet dirichlet-alpha=0.1")
+    s.add_argument("--out", default=None, help="run directory (default runs/<experiment>-<UTC timestamp>)")
+    s.add_argument("--seed", type=int, default=None, help="shorthand for --set seed=N")
+    s.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    s.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+
+    e = sub.add_parser("experiments", help="list bundled experiments")
+    e.add_argument("--keys", action="store_true", help="list every config key with its type and default")
+    return p
+
+
+def cmd_experiments(args: argparse.Namespace) -> int:
+    from server.config import describe_keys
+    from simulations.experiments import list_experiments
+
+    if args.keys:
+        for key, typ, default, help_ in describe_keys():
+            print(f"{key:<20} {typ:<6} {default!r:<16} {help_}")
+        return EXIT_OK
+    for name, description in list_experiments():
+        print(f"{name:<24} {description}")
+    return EXIT_OK
+
+
+def _resolve_for_simulate(args: argparse.Namespace) -> tuple[Any, Path, bool]:
+    from server.config import ConfigError
+    from server.rundir import default_run_dir
+    from simulations.experiments import resolve
+
+    overrides, errors = parse_sets(args.sets)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.toml").is_file():
+            raise UsageError([f"--resume: {run_dir} is not a run directory (no config.toml)"])
+        import tomllib
+
+        with open(run_dir / "config.toml", "rb") as f:
+            saved = tomllib.load(f)
+        if args.experiment or overrides or errors:
+            raise UsageError(["--resume: give no experiment or --set; the run continues with its saved config"])
+        cfg = resolve(overrides=saved)
+        return cfg, run_dir, True
+    if args.out:
+        overrides["out"] = args.out
+    try:
+        cfg = resolve(args.experiment, overrides)
+    except ConfigError as exc:
+        raise UsageError(errors + exc.errors) from None
+    if errors:
+        raise UsageError(errors)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.experiment)
+    return cfg, run_dir, False
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from server.progress import LogReporter, human_bytes
+    from simulations.runner import simulate
+
+    cfg, run_dir, resume = _resolve_for_simulate(args)
+    if sys.stderr.isatty():
+        from simulations.progress import RichReporter
+
+        reporter: Any = RichReporter()
+    else:
+        reporter = LogReporter()
+    print(f"fedpriv: {cfg.experiment} — {cfg.num_clients} clients, {cfg.num_rounds} rounds, "
+          f"{cfg.strategy} on {cfg.dataset} → {run_dir}", flush=True)
+    try:
+        summary = simulate(cfg, run_dir, reporter=reporter, resume=resume, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print(f"fedpriv: interrupted; what was recorded is in {run_dir}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # a failed run: one line, the details are in the log above
+        print(f"fedpriv: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"fedpriv: partial results in {run_dir}", file=sys.stderr)
+        return EXIT_FAILED
+    final = summary["final"]
+    print(f"fedpriv: {summary['stopped_reason']} after {summary['rounds_completed']} rounds in "
+          f"{summary['wall_s']:.1f}s — final test accuracy {final['test_accuracy']:.4f} "
+          f"(loss {final['test_loss']:.4f}), {human_bytes(summary['total_bytes_up'])} up, "
+          f"{human_bytes(summary['total_bytes_down'])} down")
+    print(f"fedpriv: run directory {run_dir}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedpriv`` console script."""
+    from server.config import ConfigError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logger.setLevel(logging.INFO)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "experiments":
+            return cmd_experiments(args)
+        return cmd_simulate(args)
+    except (ConfigError, UsageError) as exc:
+        for line in exc.errors:
+            print(f"fedpriv: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Bundled experiments (``simulations/experiments/*.toml``) and configuration resolution with data checks.
+
+An experiment file is a flat TOML table of config keys (see :class:`server.config.RunConfig`) plus a
+``description``. Resolution order: defaults < experiment file < overrides (``--set`` or Flower run config).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from server.config import ConfigError, RunConfig, resolve_config
+from simulations.datasets import (
+    HOW_TO_GET_FASHION,
+    TRAIN_SIZES,
+    digits_train_size,
+    fashion_dir,
+    missing_fashion_files,
+)
+
+EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
+DEFAULT_EXPERIMENT = "digits-fedavg"
+NUM_CLASSES = {"digits": 10, "fashion-mnist": 10}
+
+
+def list_experiments() -> list[tuple[str, str]]:
+    """(name, description) of every bundled experiment, sorted by name."""
+    out = []
+    for path in sorted(EXPERIMENTS_DIR.glob("*.toml")):
+        with open(path, "rb") as f:
+            out.append((path.stem, str(tomllib.load(f).get("description", ""))))
+    return out
+
+
+def load_experiment(name: str) -> dict[str, Any]:
+    """Raw values of a bundled experiment (by name) or of a TOML file (by path)."""
+    path = Path(name)
+    if not (name.endswith(".toml") and path.is_file()):
+        path = EXPERIMENTS_DIR / f"{name}.toml"
+    if not path.is_file():
+        names = ", ".join(n for n, _ in list_experiments())
+        raise ConfigError(
+            [f"experiment: unknown experiment {name!r}; expected one of {names} or a path to a .toml file"]
+        )
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"experiment: {path} is not valid TOML: {exc}"]) from exc
+    nested = [k for k, v in raw.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError([f"experiment: {path} must be a flat table of keys, found tables {nested}"])
+    raw["experiment"] = name
+    return raw
+
+
+def data_checks(cfg: RunConfig) -> list[str]:
+    """Checks that need the data's facts: files present, enough samples for the clients, class counts."""
+    errors = []
+    if cfg.dataset == "fashion-mnist":
+        missing = missing_fashion_files(cfg.data_dir)
+        if missing:
+            errors.append(f"data-dir: Fashion-MNIST not found in {fashion_dir(cfg.data_dir)} "
+                          f"(missing {', '.join(missing)}); {HOW_TO_GET_FASHION}")
+    n_train = digits_train_size(cfg.test_fraction) if cfg.dataset == "digits" else TRAIN_SIZES[cfg.dataset]
+    if n_train is not None and cfg.num_clients > n_train:
+        errors.append(f"num-clients: expected at most {n_train} (training samples of {cfg.dataset}), "
+                      f"got {cfg.num_clients}")
+    classes = NUM_CLASSES[cfg.dataset]
+    if cfg.partition == "pathological" and cfg.classes_per_client > classes:
+        errors.append(f"classes-per-client: expected at most {classes} (classes in {cfg.dataset}), "
+                      f"got {cfg.classes_per_client}")
+    return errors
+
+
+def resolve(experiment: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Resolve an experiment plus overrides into a validated :class:`RunConfig` (raises ConfigError)."""
+    overrides = dict(overrides or {})
+    name = str(overrides.pop("experiment", None) or experiment or DEFAULT_EXPERIMENT)
+    return resolve_config(load_experiment(name), overrides, extra_checks=data_checks)
+

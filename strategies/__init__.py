@@ -1,0 +1,1 @@
+"""Federated strategies: one module per algorithm, DP and budgets added by wrapping."""

@@ -1,0 +1,62 @@
+"""Configuration: defaults, coercion of --set strings, and one exact line per error."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import KEYS, ConfigError, RunConfig, resolve_config
+
+
+def errors_of(*layers, **kw) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        resolve_config(*layers, **kw)
+    return info.value.errors
+
+
+def test_defaults_and_kebab_round_trip() -> None:
+    cfg = resolve_config()
+    assert cfg == RunConfig()
+    assert set(cfg.to_dict()) == set(KEYS)
+    assert resolve_config(cfg.to_dict()) == cfg
+
+
+def test_command_line_strings_are_typed() -> None:
+    cfg = resolve_config({"num-rounds": "3", "lr": "0.1", "partition": "dirichlet", "dirichlet-alpha": "0.1"})
+    assert (cfg.num_rounds, cfg.lr, cfg.partition, cfg.dirichlet_alpha) == (3, 0.1, "dirichlet", 0.1)
+    assert resolve_config({"lr": 1}).lr == 1.0  # an int is a valid float
+
+
+def test_later_layers_win() -> None:
+    assert resolve_config({"num-rounds": 4}, {"num-rounds": "7"}).num_rounds == 7
+
+
+def test_every_error_is_collected_with_key_value_and_expectation() -> None:
+    errors = errors_of({
+        "num-round": 3, "lr": "fast", "num-clients": 0, "partition": "random", "dirichlet-alpha": 0,
+        "num-rounds": 0, "fraction-train": 1.5, "seed": 1.5, "model": True,
+    })
+    assert errors == [
+        "unknown key 'num-round' (did you mean 'num-rounds'?)",
+        "lr: expected a number, got 'fast'",
+        "num-clients: expected a value >= 1, got 0",
+        "partition: expected one of iid, dirichlet, pathological, got 'random'",
+        "dirichlet-alpha: expected a value > 0, got 0.0",
+        "num-rounds: expected a value >= 1, got 0",
+        "fraction-train: expected a value > 0 and <= 1, got 1.5",
+        "seed: expected an integer, got 1.5",
+        "model: expected a string, got True",
+    ]
+
+
+def test_unknown_key_without_a_close_match_points_to_the_key_list() -> None:
+    assert errors_of({"zzz": 1}) == ["unknown key 'zzz'; `fedpriv experiments --keys` lists the keys"]
+
+
+def test_non_finite_numbers_are_rejected() -> None:
+    assert errors_of({"lr": "nan"}) == ["lr: expected a finite number, got 'nan'"]
+
+
+def test_extra_checks_run_after_values_are_valid() -> None:
+    assert errors_of({"num-clients": 5}, extra_checks=lambda c: [f"num-clients: too many ({c.num_clients})"]) == [
+        "num-clients: too many (5)"
+    ]
