@@ -18,6 +18,7 @@ from server.loop import RunFailed
 from simulations.apps import simulation_data_source
 from simulations.experiments import resolve
 from simulations.runner import simulate
+from tests.conftest import requires_fashion
 
 pytestmark = pytest.mark.slow
 
@@ -112,3 +113,12 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path) -> None:
     assert [r["round"] for r in rows] == [1, 2]
     assert summary["rounds_completed"] == 2
     assert rows[1]["test_accuracy"] > rows[0]["test_accuracy"]
+
+
+@requires_fashion
+def test_fashion_cnn_round_trip(tmp_path) -> None:
+    """The Fashion-MNIST path end to end: IDX files read in the clients, the CNN, Dirichlet partitions."""
+    cfg = resolve("fashion-fedavg", {"num-rounds": 1, "num-clients": 2, "dirichlet-alpha": 5.0})
+    summary = simulate(cfg, tmp_path)
+    assert summary["stopped_reason"] == "completed"
+    assert summary["final"]["test_accuracy"] > 0.6  # chance is 0.1
