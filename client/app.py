@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 
@@ -53,7 +53,8 @@ def local_fit(arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData, see
         momentum=float(cfg["momentum"]), weight_decay=float(cfg["weight-decay"]), optimizer=str(cfg["optimizer"]),
     )
     loss = train(model, data.x, data.y, tcfg, seed=seed)
-    metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data.y)})
+    # unit-weight: an equal weight for aggregations that must not weight by data size (central DP).
+    metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data.y), "unit-weight": 1})
     return RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
 
 
@@ -69,15 +70,35 @@ def local_evaluate(arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData
 
 
 def build_client_app(data_source: DataSource) -> ClientApp:
-    """Build the ClientApp that trains and evaluates on what ``data_source`` returns."""
+    """Build the ClientApp that trains and evaluates on what ``data_source`` returns.
+
+    The server names the local procedure in ``config["client-task"]``: ``fit`` (plain local SGD) or
+    ``dpsgd`` (Opacus DP-SGD with the noise multiplier the server calibrated, see :mod:`client.dpsgd`).
+    """
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         cfg = dict(msg.content["config"])
         data = data_source(context, cfg)
-        content = local_fit(msg.content["arrays"], cfg, data, _seed(cfg, context))
+        task = str(cfg.get("client-task", "fit"))
+        if task == "dpsgd":
+            from client.dpsgd import dpsgd_fit
+
+            content = dpsgd_fit(msg.content["arrays"], cfg, data, _seed(cfg, context), context.state)
+        elif task == "fit":
+            content = local_fit(msg.content["arrays"], cfg, data, _seed(cfg, context))
+        else:
+            raise ValueError(f"client-task must be one of fit, dpsgd, got {task!r}")
         return Message(content=content, reply_to=msg)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        """Answers ``dataset-size``: the local example count and a stable client id."""
+        cfg = dict(msg.content["config"])
+        data = data_source(context, cfg)
+        info = ConfigRecord({"num-examples": len(data.y), "client-id": client_id(context)})
+        return Message(content=RecordDict({"info": info}), reply_to=msg)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:

@@ -21,10 +21,16 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from privacy.budget import BudgetPolicy
+from privacy.ledger import Ledger
+from privacy.mechanisms import calibrate_gaussian
 from server.config import RunConfig
 from server.loop import RunFailed, run_rounds, wait_for_nodes
 from server.progress import LogReporter, Reporter
 from server.rundir import RunDir
+from strategies.budget_guard import LedgerGuard
+from strategies.dp_fedavg import CentralDpFedAvg
+from strategies.dp_sgd import LocalDpSgd
 from strategies.fedavg import make_fedavg
 
 logger = logging.getLogger("fedpriv")
@@ -51,11 +57,61 @@ class ServerSetup:
     summary: dict[str, Any] = field(default_factory=dict)  # filled in by run_server
 
 
-def make_strategy(cfg: RunConfig) -> Strategy:
-    """The strategy named by ``cfg.strategy``."""
-    if cfg.strategy == "fedavg":
+PRIVACY_UNIT = {"dpsgd": "example", "dpfedavg": "user"}
+
+
+def make_strategy(cfg: RunConfig, ledger: Ledger | None = None, run_id: str = "") -> Strategy:
+    """The strategy named by ``cfg.strategy``, wrapped for ``cfg.dp`` and guarded by the ledger.
+
+    DP is added by wrapping: FedAvg → LocalDpSgd (client DP-SGD) or CentralDpFedAvg (Flower's server-side
+    fixed clipping) → LedgerGuard (write-ahead ledger records, optional budget).
+    """
+    if cfg.strategy != "fedavg":
+        raise ValueError(f"strategy must be one of fedavg, got {cfg.strategy!r}")
+    if cfg.dp == "none":
         return make_fedavg(cfg.num_clients, cfg.fraction_train, cfg.fraction_evaluate)
-    raise ValueError(f"strategy must be one of fedavg, got {cfg.strategy!r}")
+    if ledger is None:
+        raise ValueError("a differentially private run needs a ledger")
+    inner: Strategy
+    if cfg.dp == "dpsgd":
+        inner = LocalDpSgd(
+            make_fedavg(cfg.num_clients, cfg.fraction_train, cfg.fraction_evaluate),
+            target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, num_rounds=cfg.num_rounds,
+            clip_norm=cfg.clip_norm, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+            noise_multiplier=cfg.noise_multiplier,
+        )
+    elif cfg.dp == "dpfedavg":
+        base = make_fedavg(cfg.num_clients, cfg.fraction_train, cfg.fraction_evaluate, weighted_by_key="unit-weight")
+        sigma = cfg.noise_multiplier or calibrate_gaussian(
+            cfg.target_epsilon, cfg.target_delta, steps=cfg.num_rounds, accountant=cfg.accountant)
+        logger.info("dpfedavg: noise multiplier %.4f for ε=%g, δ=%g over %d rounds", sigma, cfg.target_epsilon,
+                    cfg.target_delta, cfg.num_rounds)
+        inner = CentralDpFedAvg(base, noise_multiplier=sigma, clip_norm=cfg.clip_norm,
+                                num_sampled_clients=base.min_train_nodes)
+    else:
+        raise ValueError(f"dp must be one of none, dpsgd, dpfedavg, got {cfg.dp!r}")
+    policy = None
+    if cfg.budget_epsilon > 0:
+        policy = BudgetPolicy(cfg.budget_epsilon, cfg.target_delta, PRIVACY_UNIT[cfg.dp], cfg.budget_scope,
+                              cfg.accountant)
+    return LedgerGuard(inner, ledger, run_id, policy)
+
+
+def open_ledger(cfg: RunConfig, run_dir: RunDir) -> tuple[Ledger | None, str]:
+    """The run's ledger (its own file, or the shared one named by ``ledger``) with this run registered."""
+    if cfg.dp == "none":
+        return None, run_dir.path.name
+    ledger = Ledger(Path(cfg.ledger) if cfg.ledger else run_dir.path / "ledger.sqlite")
+    run_id = run_dir.path.resolve().name
+    ledger.register_run(run_id, cfg.experiment, cfg.to_dict())
+    return ledger, run_id
+
+
+def privacy_epsilons(cfg: RunConfig, ledger: Ledger, run_id: str) -> dict[str, float]:
+    """ε at target-delta of every participant charged in this run (pending releases included)."""
+    unit = PRIVACY_UNIT[cfg.dp]
+    return {p: ledger.spent_epsilon(p, unit, cfg.target_delta, cfg.accountant, run_id=run_id)
+            for p, u in ledger.participants(run_id=run_id) if u == unit}
 
 
 def make_central_eval(cfg: RunConfig, test: TestData) -> Callable[[ArrayRecord], tuple[float, float]]:
@@ -88,7 +144,12 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
     cfg, run_dir = setup.config, RunDir(setup.run_dir)
     random.seed(cfg.seed)  # Flower's node sampling uses the `random` module
     central_eval = make_central_eval(cfg, setup.test_data)
-    strategy = make_strategy(cfg)
+    ledger, run_id = open_ledger(cfg, run_dir)
+    strategy = make_strategy(cfg, ledger, run_id)
+
+    def epsilon_so_far(_round: int) -> dict[str, Any]:
+        eps = privacy_epsilons(cfg, ledger, run_id) if ledger is not None else {}
+        return {"epsilon": max(eps.values(), default=0.0)}
 
     first_round, arrays = 1, initial_arrays(cfg, setup.test_data)
     previous = run_dir.read_metrics() if setup.resume else []
@@ -110,10 +171,12 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
     try:
         if first_round <= cfg.num_rounds:
             wait_for_nodes(grid, cfg.num_clients, cfg.node_wait_timeout)
-            _, rows = run_rounds(
+            _, rows, early = run_rounds(
                 grid, strategy, arrays, cfg.to_dict(), num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout,
                 central_eval=central_eval, run_dir=run_dir, reporter=setup.reporter, first_round=first_round,
+                round_metrics=epsilon_so_far if ledger is not None else None,
             )
+            stopped = early or stopped
     except RunFailed as exc:
         stopped = f"failed: {exc}"
         raise
@@ -123,10 +186,35 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
     finally:
         all_rows = previous + rows
         setup.summary = summarize(cfg, all_rows, stopped, time.perf_counter() - t0)
+        if ledger is not None:
+            setup.summary["privacy"] = privacy_summary(cfg, ledger, run_id, strategy)
+            ledger.close()
         run_dir.write_summary(setup.summary)
         run_dir.write_plots(all_rows)
         setup.reporter.finish(setup.summary)
     return setup.summary
+
+
+def privacy_summary(cfg: RunConfig, ledger: Ledger, run_id: str, strategy: Strategy) -> dict[str, Any]:
+    """The privacy part of summary.json, computed from the ledger (pending releases counted as spent)."""
+    eps = privacy_epsilons(cfg, ledger, run_id)
+    unit = PRIVACY_UNIT[cfg.dp]
+    return {
+        "differentially_private": True,
+        "mechanism": cfg.dp,
+        "unit": unit,
+        "delta": cfg.target_delta,
+        "accountant": cfg.accountant,
+        "target_epsilon": cfg.target_epsilon,
+        "epsilon": max(eps.values(), default=0.0),
+        "epsilon_by_participant": eps,
+        "epsilon_all_runs_max": max((ledger.spent_epsilon(p, unit, cfg.target_delta, cfg.accountant)
+                                     for p in eps), default=0.0),
+        "budget_epsilon": cfg.budget_epsilon or None,
+        "excluded": getattr(strategy, "excluded", []),
+        "ledger": str(ledger.path),
+        "run_id": run_id,
+    }
 
 
 def summarize(cfg: RunConfig, rows: list[dict[str, Any]], stopped: str, wall_s: float) -> dict[str, Any]:

@@ -19,6 +19,9 @@ DATASETS = ("digits", "fashion-mnist")
 MODELS = ("mlp", "cnn")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+DP_MODES = ("none", "dpsgd", "dpfedavg")
+ACCOUNTANTS = ("rdp", "pld")
+BUDGET_SCOPES = ("run", "ledger")
 
 
 class ConfigError(Exception):
@@ -67,6 +70,18 @@ class RunConfig:
     weight_decay: float = _opt(0.0, "weight decay", lo=0.0)
     optimizer: str = _opt("sgd", "local optimizer", choices=OPTIMIZERS)
     seed: int = _opt(0, "seed of partitions, initial model, client sampling and local shuffling")
+    # differential privacy
+    dp: str = _opt("none", "privacy mechanism: client DP-SGD (Opacus) or central DP-FedAvg", choices=DP_MODES)
+    target_epsilon: float = _opt(8.0, "ε each participant may reach over the planned rounds", lo=0.0, lo_open=True)
+    target_delta: float = _opt(1e-5, "δ of the privacy guarantee", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    clip_norm: float = _opt(1.0, "ℓ2 clipping norm (per example for dpsgd, per client update for dpfedavg)",
+                            lo=0.0, lo_open=True)
+    noise_multiplier: float = _opt(0.0, "fixed noise multiplier; 0 calibrates it from target-epsilon", lo=0.0)
+    accountant: str = _opt("rdp", "privacy accountant (dp-accounting)", choices=ACCOUNTANTS)
+    ledger: str = _opt("", "privacy ledger file shared across runs (default <run dir>/ledger.sqlite)")
+    budget_epsilon: float = _opt(0.0, "stop or leave out participants before ε would exceed this (0: no budget)",
+                                 lo=0.0)
+    budget_scope: str = _opt("ledger", "the budget counts this run, or every run of the ledger", choices=BUDGET_SCOPES)
     # outputs
     out: str = _opt("", "run directory (default runs/<experiment>-<UTC timestamp>)")
 

@@ -138,8 +138,11 @@ def run_rounds(
     run_dir: RunDir,
     reporter: Reporter,
     first_round: int = 1,
-) -> tuple[ArrayRecord, list[dict[str, Any]]]:
-    """Run rounds ``first_round..num_rounds``; return the final arrays and the metrics rows written.
+    round_metrics: Callable[[int], dict[str, Any]] | None = None,
+) -> tuple[ArrayRecord, list[dict[str, Any]], str | None]:
+    """Run rounds ``first_round..num_rounds``; return the final arrays, the metrics rows written, and why the
+    run stopped early (a strategy that configures no round and says ``stop_reason``, e.g. a privacy budget),
+    or None. ``round_metrics(round)`` adds keys to each round's row (e.g. ε so far).
 
     Raises
     ------
@@ -152,6 +155,9 @@ def run_rounds(
     for server_round in range(first_round, num_rounds + 1):
         t0 = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(run_config), grid))
+        if not messages and (reason := getattr(strategy, "stop_reason", None)):
+            logger.info("stopping before round %d: %s", server_round, reason)
+            return arrays, rows, reason
         reporter.round_start(server_round, len(messages))
         bytes_down = contents_bytes(m.content for m in messages)
         replies, missing = collect_replies(
@@ -187,10 +193,13 @@ def run_rounds(
             "rejected": len(train.rejected),
             "wall_s": round(time.perf_counter() - t0, 4),
         })
-        if train_metrics is not None and "train-loss" in train_metrics:
-            row["train_loss"] = train_metrics["train-loss"]
+        if train_metrics is not None:
+            row.update({k.replace("-", "_"): v for k, v in train_metrics.items()
+                        if k in ("train-loss", "dp-client-epsilon-max")})
+        if round_metrics is not None:
+            row.update(round_metrics(server_round))
         run_dir.append_metrics(row)
         run_dir.save_checkpoint(server_round, {k: a.numpy() for k, a in arrays.items()}, {})
         rows.append(row)
         reporter.round_end(row)
-    return arrays, rows
+    return arrays, rows, None

@@ -91,7 +91,7 @@ class RunDir:
         return int(state.pop("round")), arrays, state
 
     def write_plots(self, rows: list[Mapping[str, Any]]) -> None:
-        """accuracy.png (accuracy and loss per round) and bytes.png (bytes up/down per round)."""
+        """accuracy.png (accuracy and loss), bytes.png (bytes up/down), epsilon.png (ε spent) per round."""
         if not rows:
             return
         import matplotlib
@@ -117,3 +117,12 @@ class RunDir:
         fig.tight_layout()
         fig.savefig(self.path / "plots" / "bytes.png", dpi=100)
         plt.close(fig)
+
+        if any("epsilon" in r for r in rows):
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            ax.plot([r["round"] for r in rows if "epsilon" in r], [r["epsilon"] for r in rows if "epsilon" in r],
+                    marker="o", color="tab:purple")
+            ax.set(xlabel="round", ylabel="ε (max over participants)", title="privacy spent (ledger)")
+            fig.tight_layout()
+            fig.savefig(self.path / "plots" / "epsilon.png", dpi=100)
+            plt.close(fig)

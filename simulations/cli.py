@@ -54,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     s.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
 
+    a = sub.add_parser("audit", help="report ε per run, participant and mechanism from a privacy ledger",
+                       description="Audit a run directory or a ledger file: ε(δ) per participant, the releases "
+                                   "behind it, remaining budget, ε over rounds.")
+    a.add_argument("path", help="run directory or ledger.sqlite")
+    a.add_argument("--format", default="table", help="table (default), json or html")
+    a.add_argument("--delta", type=float, default=None, help="δ of the reported ε (default: the runs' target-delta)")
+    a.add_argument("--budget", type=float, default=None, help="ε budget per participant, to show what remains")
+    a.add_argument("--accountant", default="rdp", help="rdp (default) or pld")
+
     e = sub.add_parser("experiments", help="list bundled experiments")
     e.add_argument("--keys", action="store_true", help="list every config key with its type and default")
     return p
@@ -142,12 +151,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logger.setLevel(logging.INFO)
     args = _parser().parse_args(argv)
+    from simulations.audit import AuditError, audit
+
     try:
         if args.command == "experiments":
             return cmd_experiments(args)
+        if args.command == "audit":
+            return audit(args.path, args.format, args.delta, args.budget, args.accountant)
         return cmd_simulate(args)
     except (ConfigError, UsageError) as exc:
         for line in exc.errors:
+            print(f"fedpriv: error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except AuditError as exc:
+        for line in str(exc).splitlines():
             print(f"fedpriv: error: {line}", file=sys.stderr)
         return EXIT_USAGE
 

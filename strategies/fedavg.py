@@ -23,9 +23,16 @@ class FedAvg(FlowerFedAvg):
         return check_model_update(content, global_arrays, self.weighted_by_key)
 
 
-def make_fedavg(num_clients: int, fraction_train: float = 1.0, fraction_evaluate: float = 0.0) -> FedAvg:
-    """FedAvg sampling ``fraction_train`` of ``num_clients`` nodes, waiting until all have connected."""
+def make_fedavg(
+    num_clients: int, fraction_train: float = 1.0, fraction_evaluate: float = 0.0,
+    weighted_by_key: str = "num-examples",
+) -> FedAvg:
+    """FedAvg sampling ``fraction_train`` of ``num_clients`` nodes, waiting until all have connected.
+
+    ``weighted_by_key="unit-weight"`` averages with equal weights (what central DP's sensitivity needs).
+    """
     return FedAvg(
+        weighted_by_key=weighted_by_key,
         fraction_train=fraction_train,
         fraction_evaluate=fraction_evaluate,
         min_train_nodes=max(1, math.ceil(fraction_train * num_clients)),

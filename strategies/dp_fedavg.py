@@ -1,0 +1,76 @@
+"""Central user-level DP-FedAvg (McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent
+Language Models", ICLR 2018, Alg. 1 with fixed clipping) using Flower's own
+:class:`~flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping`.
+
+Each round the server clips every client's update to ℓ2 norm C, averages the m sampled updates with equal
+weights, and adds N(0, (σ·C/m)²): a Gaussian mechanism with noise multiplier σ on the sum, with respect to
+adding or removing one client's whole data (privacy unit ``user``, charged to ``all``). Flower samples a
+fixed number of clients without replacement; dp-accounting has no amplification result for that sampling under
+add-or-remove adjacency (Flower's own accountant also requires ``no-amplification``), so each round is charged
+as an unamplified Gaussian — an upper bound. A round that gets fewer usable replies than it sampled is not
+aggregated (the noise was calibrated for m), and its pending charge stays on the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import dp_accounting as dpa
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+
+from strategies.releases import PlannedRelease
+
+logger = logging.getLogger("fedpriv")
+EVERYONE = "all"
+
+
+class CentralDpFedAvg(Strategy):
+    """Flower's server-side fixed-clipping DP wrapper around an equal-weight FedAvg, with declared releases."""
+
+    def __init__(self, strategy: FedAvg, *, noise_multiplier: float, clip_norm: float, num_sampled_clients: int):
+        self.strategy = strategy
+        self.noise_multiplier = noise_multiplier
+        self.num_sampled_clients = num_sampled_clients
+        self.dp = DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=noise_multiplier, clipping_norm=clip_norm,
+            num_sampled_clients=num_sampled_clients,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.dp.configure_train(server_round, arrays, config, grid)
+
+    def release_plan(self, server_round: int, messages: Iterable[Message]) -> list[PlannedRelease]:
+        """One central release per round that sends work: the noised average."""
+        if not list(messages):
+            return []
+        return [PlannedRelease(None, (EVERYONE,), "user", dpa.GaussianDpEvent(self.noise_multiplier), "dpfedavg")]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [r for r in replies if not r.has_error()]
+        if len(replies) < self.num_sampled_clients:
+            logger.warning("dpfedavg: round %d got %d of %d updates; not aggregated (noise is calibrated for %d)",
+                           server_round, len(replies), self.num_sampled_clients, self.num_sampled_clients)
+            return None, None
+        return self.dp.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.dp.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.dp.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.dp.summary()
+
+    def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord) -> str | None:
+        check = getattr(self.strategy, "validate_reply", None)
+        return check(content, global_arrays) if check else None
