@@ -114,23 +114,25 @@ def _epsilon_grouped(grouped: tuple[tuple[dpa.DpEvent, int], ...], delta: float,
     if any(isinstance(e, dpa.NonPrivateDpEvent) for e, _ in grouped):
         return math.inf
     pure = [pure_epsilon(e) for e in flat]
-    pure_sum = float(sum(p for p in pure if p is not None))
-    rest = [e for e, p in zip(flat, pure, strict=True) if p is None]
-    acc = _accountant(accountant)
-    for e in rest:
-        if not acc.supports(e):
+    supported = [_accountant(accountant).supports(e) for e in flat]
+    for e, p, ok in zip(flat, pure, supported, strict=True):
+        if p is None and not ok:
             raise ValueError(f"the {accountant} accountant cannot compose {type(e).__name__}; "
                              "use accountant='pld' or record the mechanism as a supported DpEvent")
-    bound = pure_sum
-    if rest:
-        acc.compose(dpa.ComposedDpEvent(rest))
-        bound += acc.get_epsilon(delta)
-    if pure_sum > 0 and rest:
-        whole = _accountant(accountant)
-        if all(whole.supports(e) for e in flat):
-            whole.compose(dpa.ComposedDpEvent(flat))
-            bound = min(bound, whole.get_epsilon(delta))
-    return float(bound)
+
+    def split_bound(by_basic: list[bool]) -> float:
+        """Basic composition of the events marked True (all pure), the accountant for the others."""
+        bound = float(sum(p for p, basic in zip(pure, by_basic, strict=True) if basic))  # type: ignore[misc]
+        others = [e for e, basic in zip(flat, by_basic, strict=True) if not basic]
+        if others:
+            acc = _accountant(accountant)
+            acc.compose(dpa.ComposedDpEvent(others))
+            bound += acc.get_epsilon(delta)
+        return bound
+
+    # (a) every pure event by basic composition; (b) only those the accountant cannot take. Both are valid.
+    candidates = {tuple(p is not None for p in pure), tuple(not ok for ok in supported)}
+    return float(min(split_bound(list(c)) for c in candidates))
 
 
 # ---- serialization ------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import sys
 import pytest
 
 from simulations.cli import EXIT_USAGE, main
+from simulations.experiments import list_experiments
 
 
 def test_experiments_lists_bundled(capsys) -> None:
     assert main(["experiments"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("digits-fedavg") and "fashion-fedavg" in out
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == sorted(names) and {"digits-fedavg", "fashion-fedavg", "digits-dpsgd"} <= set(names)
 
 
 def test_experiments_keys(capsys) -> None:
@@ -31,8 +32,8 @@ def test_experiments_keys(capsys) -> None:
             "fedpriv: error: lr: expected a number, got 'x'",
         ]),
         (["simulate", "nope"], [
-            "fedpriv: error: experiment: unknown experiment 'nope'; expected one of digits-fedavg, "
-            "fashion-fedavg or a path to a .toml file",
+            "fedpriv: error: experiment: unknown experiment 'nope'; expected one of "
+            + ", ".join(n for n, _ in list_experiments()) + " or a path to a .toml file",
         ]),
         (["simulate", "--set", "num-clients=0", "dirichlet-alpha=0", "num-rounds=0"], [
             "fedpriv: error: num-clients: expected a value >= 1, got 0",
