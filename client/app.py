@@ -72,8 +72,9 @@ def local_evaluate(arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData
 def build_client_app(data_source: DataSource) -> ClientApp:
     """Build the ClientApp that trains and evaluates on what ``data_source`` returns.
 
-    The server names the local procedure in ``config["client-task"]``: ``fit`` (plain local SGD) or
-    ``dpsgd`` (Opacus DP-SGD with the noise multiplier the server calibrated, see :mod:`client.dpsgd`).
+    The server names the local procedure in ``config["client-task"]``: ``fit`` (plain local SGD),
+    ``dpsgd`` (Opacus DP-SGD with the noise multiplier the server calibrated, see :mod:`client.dpsgd`) or
+    ``label-dp`` (training on privatized labels with consensus retraining, see :mod:`client.label_dp`).
     """
     app = ClientApp()
 
@@ -86,10 +87,17 @@ def build_client_app(data_source: DataSource) -> ClientApp:
             from client.dpsgd import dpsgd_fit
 
             content = dpsgd_fit(msg.content["arrays"], cfg, data, _seed(cfg, context), context.state)
+        elif task == "label-dp":
+            from client.label_dp import label_dp_fit
+
+            pid = context.node_config.get("partition-id")
+            simulated = pid is not None  # a deployed node draws its label noise from OS entropy
+            rr_seed = int(cfg.get("seed", 0)) * 1_000_003 + int(pid) if simulated else None
+            content = label_dp_fit(msg.content, cfg, data, _seed(cfg, context), context.state, rr_seed, simulated)
         elif task == "fit":
             content = local_fit(msg.content["arrays"], cfg, data, _seed(cfg, context))
         else:
-            raise ValueError(f"client-task must be one of fit, dpsgd, got {task!r}")
+            raise ValueError(f"client-task must be one of fit, dpsgd, label-dp, got {task!r}")
         return Message(content=content, reply_to=msg)
 
     @app.query()

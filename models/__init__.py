@@ -4,6 +4,6 @@ This floor imports torch and numpy only (no Flower), so both `client/` and `serv
 """
 
 from models.nets import MODEL_NAMES, build_model
-from models.training import TrainConfig, evaluate, set_torch_threads, train
+from models.training import TrainConfig, evaluate, predict_proba, set_torch_threads, train
 
-__all__ = ["MODEL_NAMES", "TrainConfig", "build_model", "evaluate", "set_torch_threads", "train"]
+__all__ = ["MODEL_NAMES", "TrainConfig", "build_model", "evaluate", "predict_proba", "set_torch_threads", "train"]

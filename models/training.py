@@ -95,3 +95,16 @@ def evaluate(
         correct += (logits.argmax(1) == yb).sum().item()
     n = max(len(x), 1)
     return loss / n, correct / n
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: np.ndarray, batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
+    """Class probabilities (N, K) float64 of ``model`` on images ``x`` (N, 1, H, W); rows sum to 1."""
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        logits = model(torch.from_numpy(x[start : start + batch_size]).to(device))
+        out.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+    if not out:
+        raise ValueError("cannot predict on an empty dataset")
+    return np.concatenate(out)

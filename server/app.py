@@ -32,6 +32,7 @@ from strategies.budget_guard import LedgerGuard
 from strategies.dp_fedavg import CentralDpFedAvg
 from strategies.dp_sgd import LocalDpSgd
 from strategies.fedavg import make_fedavg
+from strategies.label_dp import LabelDpConsensus
 
 logger = logging.getLogger("fedpriv")
 
@@ -57,30 +58,48 @@ class ServerSetup:
     summary: dict[str, Any] = field(default_factory=dict)  # filled in by run_server
 
 
-PRIVACY_UNIT = {"dpsgd": "example", "dpfedavg": "user"}
+PRIVACY_UNIT = {"dpsgd": "example", "dpfedavg": "user", "label-dp": "label"}
 
 
-def make_strategy(cfg: RunConfig, ledger: Ledger | None = None, run_id: str = "") -> Strategy:
+def privacy_mode(cfg: RunConfig) -> str | None:
+    """What makes the run private ("dpsgd", "dpfedavg", "label-dp"), or None for a non-private run."""
+    if cfg.strategy == "label-dp":
+        return "label-dp"
+    return None if cfg.dp == "none" else cfg.dp
+
+
+def make_strategy(
+    cfg: RunConfig, ledger: Ledger | None = None, run_id: str = "", initial: ArrayRecord | None = None,
+    num_classes: int = 10,
+) -> Strategy:
     """The strategy named by ``cfg.strategy``, wrapped for ``cfg.dp`` and guarded by the ledger.
 
-    DP is added by wrapping: FedAvg → LocalDpSgd (client DP-SGD) or CentralDpFedAvg (Flower's server-side
-    fixed clipping) → LedgerGuard (write-ahead ledger records, optional budget).
+    DP is added by wrapping: FedAvg → LocalDpSgd (client DP-SGD), CentralDpFedAvg (Flower's server-side
+    fixed clipping) or LabelDpConsensus (label DP) → LedgerGuard (write-ahead ledger records, optional budget).
     """
-    if cfg.strategy != "fedavg":
-        raise ValueError(f"strategy must be one of fedavg, got {cfg.strategy!r}")
-    if cfg.dp == "none":
+    mode = privacy_mode(cfg)
+    if mode is None:
         return make_fedavg(cfg.num_clients, cfg.fraction_train, cfg.fraction_evaluate)
     if ledger is None:
         raise ValueError("a differentially private run needs a ledger")
     inner: Strategy
-    if cfg.dp == "dpsgd":
+    if mode == "label-dp":
+        if initial is None:
+            raise ValueError("label-dp needs the initial model (retrain = scratch restarts from it)")
+        inner = LabelDpConsensus(
+            make_fedavg(cfg.num_clients, cfg.fraction_train, cfg.fraction_evaluate),
+            epsilon=cfg.label_epsilon, num_classes=num_classes, mechanism=cfg.label_mechanism,
+            stages=cfg.label_stages, num_rounds=cfg.num_rounds, retrain_rounds=cfg.retrain_rounds,
+            consensus=cfg.consensus, retrain=cfg.retrain, initial_arrays=initial,
+        )
+    elif mode == "dpsgd":
         inner = LocalDpSgd(
             make_fedavg(cfg.num_clients, cfg.fraction_train, cfg.fraction_evaluate),
             target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, num_rounds=cfg.num_rounds,
             clip_norm=cfg.clip_norm, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
             noise_multiplier=cfg.noise_multiplier,
         )
-    elif cfg.dp == "dpfedavg":
+    elif mode == "dpfedavg":
         base = make_fedavg(cfg.num_clients, cfg.fraction_train, cfg.fraction_evaluate, weighted_by_key="unit-weight")
         sigma = cfg.noise_multiplier or calibrate_gaussian(
             cfg.target_epsilon, cfg.target_delta, steps=cfg.num_rounds, accountant=cfg.accountant)
@@ -92,14 +111,14 @@ def make_strategy(cfg: RunConfig, ledger: Ledger | None = None, run_id: str = ""
         raise ValueError(f"dp must be one of none, dpsgd, dpfedavg, got {cfg.dp!r}")
     policy = None
     if cfg.budget_epsilon > 0:
-        policy = BudgetPolicy(cfg.budget_epsilon, cfg.target_delta, PRIVACY_UNIT[cfg.dp], cfg.budget_scope,
+        policy = BudgetPolicy(cfg.budget_epsilon, cfg.target_delta, PRIVACY_UNIT[mode], cfg.budget_scope,
                               cfg.accountant)
     return LedgerGuard(inner, ledger, run_id, policy)
 
 
 def open_ledger(cfg: RunConfig, run_dir: RunDir) -> tuple[Ledger | None, str]:
     """The run's ledger (its own file, or the shared one named by ``ledger``) with this run registered."""
-    if cfg.dp == "none":
+    if privacy_mode(cfg) is None:
         return None, run_dir.path.name
     ledger = Ledger(Path(cfg.ledger) if cfg.ledger else run_dir.path / "ledger.sqlite")
     run_id = run_dir.path.resolve().name
@@ -109,7 +128,7 @@ def open_ledger(cfg: RunConfig, run_dir: RunDir) -> tuple[Ledger | None, str]:
 
 def privacy_epsilons(cfg: RunConfig, ledger: Ledger, run_id: str) -> dict[str, float]:
     """ε at target-delta of every participant charged in this run (pending releases included)."""
-    unit = PRIVACY_UNIT[cfg.dp]
+    unit = PRIVACY_UNIT[str(privacy_mode(cfg))]
     return {p: ledger.spent_epsilon(p, unit, cfg.target_delta, cfg.accountant, run_id=run_id)
             for p, u in ledger.participants(run_id=run_id) if u == unit}
 
@@ -145,7 +164,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
     random.seed(cfg.seed)  # Flower's node sampling uses the `random` module
     central_eval = make_central_eval(cfg, setup.test_data)
     ledger, run_id = open_ledger(cfg, run_dir)
-    strategy = make_strategy(cfg, ledger, run_id)
+    strategy = make_strategy(cfg, ledger, run_id, initial_arrays(cfg, setup.test_data), setup.test_data.num_classes)
 
     def epsilon_so_far(_round: int) -> dict[str, Any]:
         eps = privacy_epsilons(cfg, ledger, run_id) if ledger is not None else {}
@@ -186,6 +205,8 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
     finally:
         all_rows = previous + rows
         setup.summary = summarize(cfg, all_rows, stopped, time.perf_counter() - t0)
+        if (phases := getattr(strategy, "phase_summary", None)) is not None:
+            setup.summary["phases"] = phases(all_rows)
         if ledger is not None:
             setup.summary["privacy"] = privacy_summary(cfg, ledger, run_id, strategy)
             ledger.close()
@@ -198,14 +219,15 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
 def privacy_summary(cfg: RunConfig, ledger: Ledger, run_id: str, strategy: Strategy) -> dict[str, Any]:
     """The privacy part of summary.json, computed from the ledger (pending releases counted as spent)."""
     eps = privacy_epsilons(cfg, ledger, run_id)
-    unit = PRIVACY_UNIT[cfg.dp]
+    mode = str(privacy_mode(cfg))
+    unit = PRIVACY_UNIT[mode]
     return {
         "differentially_private": True,
-        "mechanism": cfg.dp,
+        "mechanism": cfg.label_mechanism if mode == "label-dp" else mode,
         "unit": unit,
         "delta": cfg.target_delta,
         "accountant": cfg.accountant,
-        "target_epsilon": cfg.target_epsilon,
+        "target_epsilon": cfg.label_epsilon if mode == "label-dp" else cfg.target_epsilon,
         "epsilon": max(eps.values(), default=0.0),
         "epsilon_by_participant": eps,
         "epsilon_all_runs_max": max((ledger.spent_epsilon(p, unit, cfg.target_delta, cfg.accountant)

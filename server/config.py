@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "label-dp")
 DATASETS = ("digits", "fashion-mnist")
 MODELS = ("mlp", "cnn")
 PARTITIONS = ("iid", "dirichlet", "pathological")
@@ -22,6 +22,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 DP_MODES = ("none", "dpsgd", "dpfedavg")
 ACCOUNTANTS = ("rdp", "pld")
 BUDGET_SCOPES = ("run", "ledger")
+LABEL_MECHANISMS = ("rr", "rr-prior")
+RETRAIN_MODES = ("continue", "scratch")
 
 
 class ConfigError(Exception):
@@ -82,6 +84,15 @@ class RunConfig:
     budget_epsilon: float = _opt(0.0, "stop or leave out participants before ε would exceed this (0: no budget)",
                                  lo=0.0)
     budget_scope: str = _opt("ledger", "the budget counts this run, or every run of the ledger", choices=BUDGET_SCOPES)
+    # label differential privacy (strategy = "label-dp")
+    label_epsilon: float = _opt(1.0, "ε of the label mechanism; each label is privatized once", lo=0.0, lo_open=True)
+    label_mechanism: str = _opt("rr", "randomized response, or RR with the global model as prior",
+                                choices=LABEL_MECHANISMS)
+    label_stages: int = _opt(2, "rr-prior: data parts privatized in turn (stage 1 by plain RR)", lo=1)
+    consensus: bool = _opt(True, "label-dp: keep samples whose predicted label equals the noisy one, retrain")
+    retrain: str = _opt("continue", "label-dp: retrain from the noisy-phase model or from the initial one",
+                        choices=RETRAIN_MODES)
+    retrain_rounds: int = _opt(3, "label-dp: rounds of retraining on the kept samples (within num-rounds)", lo=1)
     # outputs
     out: str = _opt("", "run directory (default runs/<experiment>-<UTC timestamp>)")
 
@@ -205,8 +216,26 @@ def resolve_config(
     if errors:
         raise ConfigError(errors)
     cfg = RunConfig(**values)
+    errors.extend(cross_checks(cfg))
     if extra_checks is not None:
         errors.extend(extra_checks(cfg))
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def cross_checks(cfg: RunConfig) -> list[str]:
+    """Errors that involve more than one key."""
+    errors = []
+    if cfg.strategy == "label-dp":
+        if cfg.dp != "none":
+            errors.append(f"dp: label-dp privatizes labels only and cannot be combined with dp={cfg.dp!r}; "
+                          "expected 'none'")
+        noisy = cfg.num_rounds - cfg.retrain_rounds if cfg.consensus else cfg.num_rounds
+        stages = cfg.label_stages if cfg.label_mechanism == "rr-prior" else 1
+        if cfg.consensus and noisy < 1:
+            errors.append(f"retrain-rounds: expected fewer than num-rounds={cfg.num_rounds} (the noisy phase needs a "
+                          f"round), got {cfg.retrain_rounds}")
+        elif noisy < stages:
+            errors.append(f"label-stages: expected at most {noisy} (rounds of the noisy phase), got {stages}")
+    return errors

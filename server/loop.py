@@ -26,7 +26,10 @@ from server.rundir import RunDir
 logger = logging.getLogger("fedpriv")
 
 CentralEval = Callable[[ArrayRecord], tuple[float, float]]  # arrays -> (loss, accuracy)
-ReplyCheck = Callable[[RecordDict, ArrayRecord], "str | None"]
+ReplyCheck = Callable[[RecordDict, ArrayRecord, int], "str | None"]  # (content, global, node) -> why
+
+
+ROW_SKIP = ("num-examples", "unit-weight", "dp-steps", "dp-client-epsilon")  # averaged bookkeeping, not metrics
 
 
 class RunFailed(RuntimeError):
@@ -92,7 +95,7 @@ def sort_replies(
             out.errors.append(f"node {node}: {msg.error.reason}")
             continue
         out.bytes_up += payload_bytes(msg.content)
-        reason = check(msg.content, global_arrays) if check is not None else None
+        reason = check(msg.content, global_arrays, node) if check is not None else None
         if reason is not None:
             out.rejected.append(f"node {node}: {reason}")
             continue
@@ -193,9 +196,9 @@ def run_rounds(
             "rejected": len(train.rejected),
             "wall_s": round(time.perf_counter() - t0, 4),
         })
-        if train_metrics is not None:
+        if train_metrics is not None:  # scalar training metrics; example counts are not averages worth keeping
             row.update({k.replace("-", "_"): v for k, v in train_metrics.items()
-                        if k in ("train-loss", "dp-client-epsilon-max")})
+                        if k not in ROW_SKIP and isinstance(v, (int, float))})
         if round_metrics is not None:
             row.update(round_metrics(server_round))
         run_dir.append_metrics(row)

@@ -15,24 +15,25 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privacy.budget import BudgetPolicy
 from privacy.ledger import Ledger
 from strategies.releases import PlannedRelease
+from strategies.wrapper import StrategyWrapper
 
 logger = logging.getLogger("fedpriv")
 
 
-class LedgerGuard(Strategy):
+class LedgerGuard(StrategyWrapper):
     """Records the wrapped strategy's releases write-ahead and refuses releases beyond ``policy``."""
 
     def __init__(self, strategy: Strategy, ledger: Ledger, run_id: str, policy: BudgetPolicy | None = None) -> None:
         if not hasattr(strategy, "release_plan"):
             raise TypeError(f"{type(strategy).__name__} declares no release_plan; only DP strategies need a guard")
-        self.strategy = strategy
+        super().__init__(strategy)
         self.ledger, self.run_id, self.policy = ledger, run_id, policy
         self.stop_reason: str | None = None
         self.excluded: list[dict[str, Any]] = []  # who was left out, when and why
@@ -104,18 +105,3 @@ class LedgerGuard(Strategy):
                 self.ledger.mark_released(handle)
         self._central_handles = []
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
-
-    def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord) -> str | None:
-        check = getattr(self.strategy, "validate_reply", None)
-        return check(content, global_arrays) if check else None

@@ -17,32 +17,30 @@ import logging
 from collections.abc import Iterable
 
 import dp_accounting as dpa
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
+from strategies.fedavg import FedAvg as FedAvgWithChecks
 from strategies.releases import PlannedRelease
+from strategies.wrapper import StrategyWrapper
 
 logger = logging.getLogger("fedpriv")
 EVERYONE = "all"
 
 
-class CentralDpFedAvg(Strategy):
+class CentralDpFedAvg(StrategyWrapper):
     """Flower's server-side fixed-clipping DP wrapper around an equal-weight FedAvg, with declared releases."""
 
-    def __init__(self, strategy: FedAvg, *, noise_multiplier: float, clip_norm: float, num_sampled_clients: int):
-        self.strategy = strategy
-        self.noise_multiplier = noise_multiplier
-        self.num_sampled_clients = num_sampled_clients
-        self.dp = DifferentialPrivacyServerSideFixedClipping(
+    def __init__(
+        self, strategy: FedAvgWithChecks, *, noise_multiplier: float, clip_norm: float, num_sampled_clients: int
+    ) -> None:
+        super().__init__(DifferentialPrivacyServerSideFixedClipping(
             strategy, noise_multiplier=noise_multiplier, clipping_norm=clip_norm,
             num_sampled_clients=num_sampled_clients,
-        )
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.dp.configure_train(server_round, arrays, config, grid)
+        ))
+        self.fedavg = strategy
+        self.noise_multiplier = noise_multiplier
+        self.num_sampled_clients = num_sampled_clients
 
     def release_plan(self, server_round: int, messages: Iterable[Message]) -> list[PlannedRelease]:
         """One central release per round that sends work: the noised average."""
@@ -58,19 +56,8 @@ class CentralDpFedAvg(Strategy):
             logger.warning("dpfedavg: round %d got %d of %d updates; not aggregated (noise is calibrated for %d)",
                            server_round, len(replies), self.num_sampled_clients, self.num_sampled_clients)
             return None, None
-        return self.dp.aggregate_train(server_round, replies)
+        return self.strategy.aggregate_train(server_round, replies)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.dp.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.dp.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.dp.summary()
-
-    def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord) -> str | None:
-        check = getattr(self.strategy, "validate_reply", None)
-        return check(content, global_arrays) if check else None
+    def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord, node_id: int | None = None) -> str | None:
+        """FedAvg's update check (Flower's DP wrapper has none)."""
+        return self.fedavg.validate_reply(content, global_arrays, node_id)

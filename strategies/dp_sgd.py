@@ -17,12 +17,14 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 import dp_accounting as dpa
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privacy.mechanisms import calibrate_gaussian, poisson_sampled, self_composed
+from strategies.clients import ClientInfo, query_clients
 from strategies.releases import PlannedRelease
+from strategies.wrapper import StrategyWrapper
 
 logger = logging.getLogger("fedpriv")
 
@@ -34,7 +36,7 @@ def _calibrate(target_epsilon: float, target_delta: float, steps: int, batches: 
                               rtol=1e-2)
 
 
-class LocalDpSgd(Strategy):
+class LocalDpSgd(StrategyWrapper):
     """Wraps a strategy so its clients run DP-SGD with per-client calibrated noise."""
 
     def __init__(
@@ -50,12 +52,13 @@ class LocalDpSgd(Strategy):
         noise_multiplier: float = 0.0,
         query_timeout: float = 120.0,
     ) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.target_epsilon, self.target_delta = target_epsilon, target_delta
         self.num_rounds, self.clip_norm = num_rounds, clip_norm
         self.batch_size, self.local_epochs = batch_size, local_epochs
         self.fixed_sigma = noise_multiplier
         self.query_timeout = query_timeout
+        self.info: dict[int, ClientInfo] = {}
         self.clients: dict[int, tuple[str, int, float]] = {}  # node -> (client id, n, sigma)
         self._plans: dict[int, list[PlannedRelease]] = {}
 
@@ -68,21 +71,10 @@ class LocalDpSgd(Strategy):
         return self_composed(poisson_sampled(dpa.GaussianDpEvent(sigma), 1.0 / k), self.local_epochs * k)
 
     def _learn_sizes(self, grid: Grid, node_ids: list[int], config: ConfigRecord) -> None:
-        unknown = [n for n in node_ids if n not in self.clients]
-        if not unknown:
-            return
-        query = [Message(content=RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=n,
-                         message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(query, timeout=self.query_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or "info" not in reply.content.config_records:
-                logger.warning("dpsgd: node %d did not report its dataset size; it is left out", node)
-                continue
-            info = reply.content.config_records["info"]
-            n, cid = info.get("num-examples"), info.get("client-id")
-            if not isinstance(n, int) or n < 1 or not isinstance(cid, str):
-                logger.warning("dpsgd: node %d sent a malformed size reply %r; it is left out", node, dict(info))
-                continue
+        new = [n for n in node_ids if n not in self.info]
+        query_clients(grid, new, config, self.info, self.query_timeout, "dpsgd")
+        for node in (n for n in new if n in self.info):
+            cid, n = self.info[node].client_id, self.info[node].num_examples
             k = max(1, math.ceil(n / self.batch_size))
             sigma = self.fixed_sigma or _calibrate(self.target_epsilon, self.target_delta,
                                                    self.num_rounds * self.local_epochs * k, k)
@@ -122,18 +114,3 @@ class LocalDpSgd(Strategy):
         if metrics is not None and client_eps:
             metrics["dp-client-epsilon-max"] = max(client_eps)
         return arrays, metrics
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
-
-    def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord) -> str | None:
-        check = getattr(self.strategy, "validate_reply", None)
-        return check(content, global_arrays) if check else None

@@ -18,8 +18,8 @@ from strategies.replies import check_model_update
 class FedAvg(FlowerFedAvg):
     """Flower's FedAvg with :meth:`validate_reply` (a malformed update is rejected, not aggregated)."""
 
-    def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord) -> str | None:
-        """Why a training reply must be rejected, or None."""
+    def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord, node_id: int | None = None) -> str | None:
+        """Why a training reply (from ``node_id``) must be rejected, or None."""
         return check_model_update(content, global_arrays, self.weighted_by_key)
 
 

@@ -60,3 +60,20 @@ def test_extra_checks_run_after_values_are_valid() -> None:
     assert errors_of({"num-clients": 5}, extra_checks=lambda c: [f"num-clients: too many ({c.num_clients})"]) == [
         "num-clients: too many (5)"
     ]
+
+
+def test_label_dp_cross_field_errors_are_collected() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_config({"strategy": "label-dp", "dp": "dpsgd", "num-rounds": 3, "retrain-rounds": 3})
+    assert err.value.errors == [
+        "dp: label-dp privatizes labels only and cannot be combined with dp='dpsgd'; expected 'none'",
+        "retrain-rounds: expected fewer than num-rounds=3 (the noisy phase needs a round), got 3",
+    ]
+    with pytest.raises(ConfigError, match=r"^label-stages: expected at most 2 \(rounds of the noisy phase\), got 3$"):
+        resolve_config({"strategy": "label-dp", "label-mechanism": "rr-prior", "label-stages": 3, "num-rounds": 4,
+                        "retrain-rounds": 2})
+    with pytest.raises(ConfigError, match=r"^label-epsilon: expected a value > 0, got 0.0$"):
+        resolve_config({"strategy": "label-dp", "label-epsilon": 0})
+    # rr ignores label-stages; without consensus every round is a noisy-label round.
+    assert resolve_config({"strategy": "label-dp", "label-stages": 9, "num-rounds": 2, "retrain-rounds": 1})
+    assert resolve_config({"strategy": "label-dp", "consensus": "false", "num-rounds": 2, "retrain-rounds": 5})

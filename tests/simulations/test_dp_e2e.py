@@ -73,3 +73,32 @@ def test_central_dpfedavg_charges_every_user_each_round(tmp_path) -> None:
         assert led.spent_epsilon("all", "user", 1e-5) == pytest.approx(
             epsilon([dpa.GaussianDpEvent(sigma)] * 2, 1e-5))
     assert all(r["clients"] == 3 for r in rows_of(tmp_path))
+
+
+@pytest.mark.parametrize(("mechanism", "retrain"), [("rr", "continue"), ("rr-prior", "scratch")])
+def test_label_dp_charges_each_client_once_across_phases(tmp_path, mechanism: str, retrain: str) -> None:
+    cfg = resolve("digits-labeldp", {"num-rounds": 4, "retrain-rounds": 2, "num-clients": 3, "local-epochs": 1,
+                                     "label-epsilon": 2.0, "label-mechanism": mechanism, "retrain": retrain})
+    summary = simulate(cfg, tmp_path)
+    with Ledger(tmp_path / "ledger.sqlite", create=False) as led:
+        releases = led.releases()
+    assert sorted((r.participant, r.round, r.unit, r.status) for r in releases) == [
+        (p, 1, "label", "released") for p in ("0", "1", "2")]
+    phases = summary["phases"]
+    assert phases["noisy_phase"]["rounds"] == 2 and phases["retrain_phase"]["rounds"] == 2
+    assert 0 < phases["retrain_phase"]["kept_fraction"] < 1
+    # Consensus keeps mostly correct labels: far more precise than the noisy labels themselves.
+    assert phases["retrain_phase"]["kept_precision"] > phases["noisy_phase"]["noisy_label_accuracy"] + 0.1
+    rows = rows_of(tmp_path)
+    assert [r["label_retrain"] for r in rows] == [0, 0, 1, 1]
+    if mechanism == "rr-prior":
+        assert [r["label_stage"] for r in rows] == [1, 2, 2, 2]
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(tmp_path), "--format", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    (run,) = report["runs"]
+    charged = {e["participant"]: e for e in run["units"]["label"]}
+    assert set(charged) == {"0", "1", "2"} and all(e["releases"] == 1 for e in charged.values())
+    # The audit's ε is the charged mechanism's: ≤ ε_label (pure ε-DP), and never 0.
+    assert all(1.0 < e["epsilon"] <= 2.0 + 1e-9 for e in charged.values())

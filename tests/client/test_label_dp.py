@@ -1,0 +1,84 @@
+"""Client label DP: labels privatized once per stage and kept in the node state; consensus keeps agreeing samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from client.app import ClientData
+from client.label_dp import STATE_KEY, label_dp_fit
+from models import build_model, predict_proba
+from simulations.datasets import load_digits
+from strategies.fedavg import make_fedavg
+from strategies.label_dp import LabelDpConsensus
+
+
+def cfg(**kw) -> dict:
+    base = {"model": "mlp", "lr": 0.05, "momentum": 0.9, "weight-decay": 0.0, "optimizer": "sgd", "batch-size": 32,
+            "local-epochs": 1, "client-cpus": 1, "label-epsilon": 1.0, "label-mechanism": "rr", "label-stages": 1,
+            "label-phase": "noisy", "label-stage": 1}
+    return base | kw
+
+
+@pytest.fixture(scope="module")
+def data() -> ClientData:
+    ds = load_digits()
+    return ClientData(ds.x_train[:400], ds.y_train[:400], 10, "0")
+
+
+def message(arrays: ArrayRecord, c: dict, **extra: ArrayRecord) -> RecordDict:
+    return RecordDict({"arrays": arrays, "config": ConfigRecord(c), **extra})
+
+
+def noisy_of(state: RecordDict) -> np.ndarray:
+    return state.array_records[STATE_KEY]["noisy"].numpy()
+
+
+def test_labels_are_privatized_once_and_reused(data: ClientData) -> None:
+    arrays = ArrayRecord(build_model("mlp", 8, 10, seed=0).state_dict())
+    state = RecordDict()
+    label_dp_fit(message(arrays, cfg()), cfg(), data, seed=1, state=state, rr_seed=7, diagnostics=True)
+    first = noisy_of(state).copy()
+    # A later round with a different training seed and a fresh rr_seed must not redraw the labels.
+    label_dp_fit(message(arrays, cfg()), cfg(), data, seed=2, state=state, rr_seed=99, diagnostics=True)
+    np.testing.assert_array_equal(noisy_of(state), first)
+    keep = float(np.exp(1.0) / (np.exp(1.0) + 9))
+    assert abs((first == data.y).mean() - keep) < 4 * np.sqrt(keep * (1 - keep) / len(first))
+
+
+def test_rr_prior_stages_privatize_their_part_when_announced(data: ClientData) -> None:
+    arrays = ArrayRecord(build_model("mlp", 8, 10, seed=0).state_dict())
+    c1 = cfg(**{"label-mechanism": "rr-prior", "label-stages": 2})
+    state = RecordDict()
+    reply = label_dp_fit(message(arrays, c1), c1, data, seed=1, state=state, rr_seed=3, diagnostics=False)
+    noisy = noisy_of(state)
+    assert 150 < (noisy >= 0).sum() < 250 and reply["metrics"]["num-examples"] == (noisy >= 0).sum()
+    assert "noisy-correct" not in reply["metrics"]  # no true-label diagnostics outside simulation
+    c2 = c1 | {"label-stage": 2}
+    label_dp_fit(message(reply["arrays"], c2), c2, data, seed=2, state=state, rr_seed=3, diagnostics=False)
+    after = noisy_of(state)
+    assert (after >= 0).all() and np.array_equal(after[noisy >= 0], noisy[noisy >= 0])
+
+
+def test_consensus_keeps_exactly_the_agreeing_samples(data: ClientData) -> None:
+    judge_model = build_model("mlp", 8, 10, seed=5)
+    judge, start = ArrayRecord(judge_model.state_dict()), ArrayRecord(build_model("mlp", 8, 10, seed=0).state_dict())
+    state = RecordDict()
+    label_dp_fit(message(judge, cfg(**{"label-epsilon": 3.0})), cfg(**{"label-epsilon": 3.0}), data, 1, state, 4, True)
+    retrain = cfg(**{"label-epsilon": 3.0, "label-phase": "retrain"})
+    reply = label_dp_fit(message(start, retrain, **{"consensus-arrays": judge}), retrain, data, 2, state, 4, True)
+    kept = state.array_records[STATE_KEY]["kept"].numpy().astype(bool)
+    expected = predict_proba(judge_model, data.x).argmax(1) == noisy_of(state)
+    np.testing.assert_array_equal(kept, expected)
+    m = reply["metrics"]
+    assert m["kept-size"] == m["num-examples"] == kept.sum() and m["data-size"] == len(data.y)
+    assert m["kept-correct"] == (noisy_of(state)[kept] == data.y[kept]).sum()
+    assert sum(m["label-counts"]) == kept.sum()
+    # The reply passes the server's check; the same reply claiming more kept samples than data does not.
+    strategy = LabelDpConsensus(make_fedavg(1), epsilon=3.0, num_classes=10, mechanism="rr", stages=1, num_rounds=3,
+                                retrain_rounds=1, consensus=True, retrain="scratch", initial_arrays=start)
+    assert strategy.validate_reply(reply, start) is None
+    reply["metrics"]["kept-size"] = len(data.y) + 1
+    assert strategy.validate_reply(reply, start) == (
+        f"metric 'kept-size': expected an integer in [0, data-size={len(data.y)}], got {len(data.y) + 1}")
