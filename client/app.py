@@ -19,7 +19,8 @@ from flwr.clientapp import ClientApp
 
 @dataclass(frozen=True)
 class ClientData:
-    """A node's local data: images (N, 1, S, S) float32 and labels (N,) int64."""
+    """A node's local data: images (N, 1, S, S) float32 and labels (N,) int64; for histogram jobs, ``x`` holds
+    its users' item counts (users × k) int64 and ``y`` is empty."""
 
     x: np.ndarray
     y: np.ndarray
@@ -102,9 +103,14 @@ def build_client_app(data_source: DataSource) -> ClientApp:
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
-        """Answers ``dataset-size``: the local example count and a stable client id."""
+        """Answers a histogram phase's query (see :mod:`client.histogram`), else the local example count and a
+        stable client id."""
         cfg = dict(msg.content["config"])
         data = data_source(context, cfg)
+        if "histogram-kind" in cfg:
+            from client.histogram import histogram_report
+
+            return Message(content=histogram_report(msg.content, cfg, data), reply_to=msg)
         info = ConfigRecord({"num-examples": len(data.y), "client-id": client_id(context)})
         return Message(content=RecordDict({"info": info}), reply_to=msg)
 

@@ -12,11 +12,8 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -25,9 +22,11 @@ from privacy.budget import BudgetPolicy
 from privacy.ledger import Ledger
 from privacy.mechanisms import calibrate_gaussian
 from server.config import RunConfig
+from server.histogram import run_histogram
 from server.loop import RunFailed, run_rounds, wait_for_nodes
-from server.progress import LogReporter, Reporter
+from server.privacy import PRIVACY_UNIT, open_ledger, privacy_epsilons, privacy_mode, privacy_summary
 from server.rundir import RunDir
+from server.setup import ServerSetup, TestData
 from strategies.budget_guard import LedgerGuard
 from strategies.dp_fedavg import CentralDpFedAvg
 from strategies.dp_sgd import LocalDpSgd
@@ -35,37 +34,6 @@ from strategies.fedavg import make_fedavg
 from strategies.label_dp import LabelDpConsensus
 
 logger = logging.getLogger("fedpriv")
-
-
-@dataclass(frozen=True)
-class TestData:
-    """The held-out test set the server evaluates the global model on each round."""
-
-    x: np.ndarray  # (N, 1, S, S) float32
-    y: np.ndarray  # (N,) int64
-    num_classes: int
-
-
-@dataclass
-class ServerSetup:
-    """Everything the ServerApp needs besides the grid."""
-
-    config: RunConfig
-    test_data: TestData
-    run_dir: Path
-    reporter: Reporter = field(default_factory=LogReporter)
-    resume: bool = False
-    summary: dict[str, Any] = field(default_factory=dict)  # filled in by run_server
-
-
-PRIVACY_UNIT = {"dpsgd": "example", "dpfedavg": "user", "label-dp": "label"}
-
-
-def privacy_mode(cfg: RunConfig) -> str | None:
-    """What makes the run private ("dpsgd", "dpfedavg", "label-dp"), or None for a non-private run."""
-    if cfg.strategy == "label-dp":
-        return "label-dp"
-    return None if cfg.dp == "none" else cfg.dp
 
 
 def make_strategy(
@@ -114,23 +82,6 @@ def make_strategy(
         policy = BudgetPolicy(cfg.budget_epsilon, cfg.target_delta, PRIVACY_UNIT[mode], cfg.budget_scope,
                               cfg.accountant)
     return LedgerGuard(inner, ledger, run_id, policy)
-
-
-def open_ledger(cfg: RunConfig, run_dir: RunDir) -> tuple[Ledger | None, str]:
-    """The run's ledger (its own file, or the shared one named by ``ledger``) with this run registered."""
-    if privacy_mode(cfg) is None:
-        return None, run_dir.path.name
-    ledger = Ledger(Path(cfg.ledger) if cfg.ledger else run_dir.path / "ledger.sqlite")
-    run_id = run_dir.path.resolve().name
-    ledger.register_run(run_id, cfg.experiment, cfg.to_dict())
-    return ledger, run_id
-
-
-def privacy_epsilons(cfg: RunConfig, ledger: Ledger, run_id: str) -> dict[str, float]:
-    """ε at target-delta of every participant charged in this run (pending releases included)."""
-    unit = PRIVACY_UNIT[str(privacy_mode(cfg))]
-    return {p: ledger.spent_epsilon(p, unit, cfg.target_delta, cfg.accountant, run_id=run_id)
-            for p, u in ledger.participants(run_id=run_id) if u == unit}
 
 
 def make_central_eval(cfg: RunConfig, test: TestData) -> Callable[[ArrayRecord], tuple[float, float]]:
@@ -208,35 +159,12 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
         if (phases := getattr(strategy, "phase_summary", None)) is not None:
             setup.summary["phases"] = phases(all_rows)
         if ledger is not None:
-            setup.summary["privacy"] = privacy_summary(cfg, ledger, run_id, strategy)
+            setup.summary["privacy"] = privacy_summary(cfg, ledger, run_id, getattr(strategy, "excluded", []))
             ledger.close()
         run_dir.write_summary(setup.summary)
         run_dir.write_plots(all_rows)
         setup.reporter.finish(setup.summary)
     return setup.summary
-
-
-def privacy_summary(cfg: RunConfig, ledger: Ledger, run_id: str, strategy: Strategy) -> dict[str, Any]:
-    """The privacy part of summary.json, computed from the ledger (pending releases counted as spent)."""
-    eps = privacy_epsilons(cfg, ledger, run_id)
-    mode = str(privacy_mode(cfg))
-    unit = PRIVACY_UNIT[mode]
-    return {
-        "differentially_private": True,
-        "mechanism": cfg.label_mechanism if mode == "label-dp" else mode,
-        "unit": unit,
-        "delta": cfg.target_delta,
-        "accountant": cfg.accountant,
-        "target_epsilon": cfg.label_epsilon if mode == "label-dp" else cfg.target_epsilon,
-        "epsilon": max(eps.values(), default=0.0),
-        "epsilon_by_participant": eps,
-        "epsilon_all_runs_max": max((ledger.spent_epsilon(p, unit, cfg.target_delta, cfg.accountant)
-                                     for p in eps), default=0.0),
-        "budget_epsilon": cfg.budget_epsilon or None,
-        "excluded": getattr(strategy, "excluded", []),
-        "ledger": str(ledger.path),
-        "run_id": run_id,
-    }
 
 
 def summarize(cfg: RunConfig, rows: list[dict[str, Any]], stopped: str, wall_s: float) -> dict[str, Any]:
@@ -269,6 +197,10 @@ def build_server_app(make_setup: Callable[[Grid, Context], ServerSetup]) -> Serv
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_server(grid, make_setup(grid, context))
+        setup = make_setup(grid, context)
+        if setup.config.strategy == "histogram":
+            run_histogram(grid, setup)
+        else:
+            run_server(grid, setup)
 
     return app

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-STRATEGIES = ("fedavg", "label-dp")
-DATASETS = ("digits", "fashion-mnist")
+STRATEGIES = ("fedavg", "label-dp", "histogram")
+DATASETS = ("digits", "fashion-mnist", "words")
+HISTOGRAM_METHODS = ("liu2020", "gaussian", "laplace")
 MODELS = ("mlp", "cnn")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -93,6 +94,12 @@ class RunConfig:
     retrain: str = _opt("continue", "label-dp: retrain from the noisy-phase model or from the initial one",
                         choices=RETRAIN_MODES)
     retrain_rounds: int = _opt(3, "label-dp: rounds of retraining on the kept samples (within num-rounds)", lo=1)
+    # user-level DP histograms (strategy = "histogram", dataset = "words")
+    histogram_method: str = _opt("liu2020", "user-level DP histogram mechanism (ε, δ: target-epsilon, target-delta)",
+                                 choices=HISTOGRAM_METHODS)
+    num_items: int = _opt(1000, "histogram: k, the number of items (top-k words)", lo=2)
+    samples_per_user: int = _opt(64, "histogram: m, the samples each user holds", lo=1)
+    users_per_client: int = _opt(1, "histogram: users per client (1: cross-device; more: cross-silo)", lo=1)
     # outputs
     out: str = _opt("", "run directory (default runs/<experiment>-<UTC timestamp>)")
 
@@ -238,4 +245,9 @@ def cross_checks(cfg: RunConfig) -> list[str]:
                           f"round), got {cfg.retrain_rounds}")
         elif noisy < stages:
             errors.append(f"label-stages: expected at most {noisy} (rounds of the noisy phase), got {stages}")
+    if (cfg.strategy == "histogram") != (cfg.dataset == "words"):
+        errors.append(f"dataset: the histogram strategy runs on dataset 'words' and only there, got strategy="
+                      f"{cfg.strategy!r} with dataset={cfg.dataset!r}")
+    if cfg.strategy == "histogram" and cfg.dp != "none":
+        errors.append(f"dp: the histogram strategy adds its own noise; expected 'none', got {cfg.dp!r}")
     return errors

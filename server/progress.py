@@ -39,8 +39,16 @@ class LogReporter:
         )
 
     def finish(self, summary: dict[str, Any]) -> None:
-        logger.info("%s after %d rounds, final test accuracy %.4f", summary["stopped_reason"],
-                    summary["rounds_completed"], summary["final"]["test_accuracy"])
+        logger.info("%s after %d rounds, %s", summary["stopped_reason"], summary["rounds_completed"],
+                    describe_final(summary))
+
+
+def describe_final(summary: dict[str, Any]) -> str:
+    """The run's final figure in words: test accuracy and loss, or a histogram's ℓ1 error."""
+    final = summary["final"]
+    if "l1_error" in final:
+        return f"final l1 error {final['l1_error']:.4f} over {summary.get('users', 0)} users"
+    return f"final test accuracy {final['test_accuracy']:.4f} (loss {final['test_loss']:.4f})"
 
 
 def human_bytes(n: float) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid
 
@@ -29,6 +30,8 @@ def partition_data(cfg: Mapping[str, Any], partition_id: int, num_partitions: in
     """The training partition ``partition_id`` of the configured dataset (cached per process)."""
     spec = ("dataset", "data-dir", "test-fraction", "partition", "dirichlet-alpha", "classes-per-client", "seed")
     key = (*(cfg[k] for k in spec), partition_id, num_partitions)
+    if cfg["dataset"] == "words":
+        return word_users(cfg, partition_id)
     if key not in _CLIENT_CACHE:
         ds = load_dataset(str(cfg["dataset"]), data_dir=str(cfg["data-dir"]),
                           test_fraction=float(cfg["test-fraction"]))
@@ -41,15 +44,36 @@ def partition_data(cfg: Mapping[str, Any], partition_id: int, num_partitions: in
     return _CLIENT_CACHE[key]
 
 
+def word_users(cfg: Mapping[str, Any], partition_id: int) -> ClientData:
+    """The users of node ``partition_id`` in the words population: ``users-per-client`` users, each drawing
+    ``samples-per-user`` words from the top ``num-items`` word frequencies (seeded by run seed and node)."""
+    from simulations.histogram_data import node_users
+
+    counts = node_users(cfg, partition_id)
+    return ClientData(counts, np.zeros(0, dtype=np.int64), int(cfg["num-items"]), str(partition_id))
+
+
 def simulation_data_source(context: Context, cfg: Mapping[str, Any]) -> ClientData:
     """Data source of a simulated SuperNode: its partition, from the node config Flower assigns."""
     return partition_data(cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))
 
 
-def test_data(cfg: RunConfig) -> TestData:
-    """The held-out test set of the configured dataset."""
+def test_data(cfg: RunConfig) -> TestData | None:
+    """The held-out test set of the configured dataset (None for the words population: nothing to test)."""
+    if cfg.dataset == "words":
+        return None
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction)
     return TestData(ds.x_test, ds.y_test, ds.num_classes)
+
+
+def server_setup(cfg: RunConfig, run_dir: Path, **kwargs: Any) -> ServerSetup:
+    """The ServerSetup of a simulated run: test data, or for the words population its true distribution."""
+    setup = ServerSetup(config=cfg, test_data=test_data(cfg), run_dir=run_dir, **kwargs)
+    if cfg.dataset == "words":
+        from simulations.histogram_data import word_distribution
+
+        setup.item_names, setup.truth = word_distribution(cfg.num_items)
+    return setup
 
 
 def flwr_run_overrides(run_config: Mapping[str, Any], user_overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,7 +97,7 @@ def setup_from_context(grid: Grid, context: Context) -> ServerSetup:
     overrides = flwr_run_overrides(context.run_config, grid.run.override_config)
     cfg = resolve(str(overrides.pop("experiment", context.run_config.get("experiment", ""))) or None, overrides)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.experiment)
-    return ServerSetup(config=cfg, test_data=test_data(cfg), run_dir=run_dir)
+    return server_setup(cfg, run_dir)
 
 
 server_app = build_server_app(setup_from_context)

@@ -114,7 +114,7 @@ def _resolve_for_simulate(args: argparse.Namespace) -> tuple[Any, Path, bool]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from server.progress import LogReporter, human_bytes
+    from server.progress import LogReporter, describe_final, human_bytes
     from simulations.runner import simulate
 
     cfg, run_dir, resume = _resolve_for_simulate(args)
@@ -124,8 +124,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         reporter: Any = RichReporter()
     else:
         reporter = LogReporter()
-    print(f"fedpriv: {cfg.experiment} — {cfg.num_clients} clients, {cfg.num_rounds} rounds, "
-          f"{cfg.strategy} on {cfg.dataset} → {run_dir}", flush=True)
+    job = (f"{cfg.histogram_method}, {cfg.num_clients * cfg.users_per_client} users × {cfg.samples_per_user} samples"
+           if cfg.strategy == "histogram" else f"{cfg.num_rounds} rounds")
+    print(f"fedpriv: {cfg.experiment} — {cfg.num_clients} clients, {job}, {cfg.strategy} on {cfg.dataset} → "
+          f"{run_dir}", flush=True)
     try:
         summary = simulate(cfg, run_dir, reporter=reporter, resume=resume, verbose=args.verbose)
     except KeyboardInterrupt:
@@ -135,11 +137,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"fedpriv: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"fedpriv: partial results in {run_dir}", file=sys.stderr)
         return EXIT_FAILED
-    final = summary["final"]
+    traffic = (f", {human_bytes(summary['total_bytes_up'])} up, {human_bytes(summary['total_bytes_down'])} down"
+               if "total_bytes_up" in summary else "")
     print(f"fedpriv: {summary['stopped_reason']} after {summary['rounds_completed']} rounds in "
-          f"{summary['wall_s']:.1f}s — final test accuracy {final['test_accuracy']:.4f} "
-          f"(loss {final['test_loss']:.4f}), {human_bytes(summary['total_bytes_up'])} up, "
-          f"{human_bytes(summary['total_bytes_down'])} down")
+          f"{summary['wall_s']:.1f}s — {describe_final(summary)}{traffic}")
     print(f"fedpriv: run directory {run_dir}")
     return EXIT_OK
 

@@ -27,7 +27,7 @@ from simulations.datasets import (
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 DEFAULT_EXPERIMENT = "digits-fedavg"
-NUM_CLASSES = {"digits": 10, "fashion-mnist": 10}
+NUM_CLASSES = {"digits": 10, "fashion-mnist": 10, "words": 0}
 
 
 def list_experiments() -> list[tuple[str, str]]:
@@ -69,6 +69,8 @@ def data_checks(cfg: RunConfig) -> list[str]:
         if missing:
             errors.append(f"data-dir: Fashion-MNIST not found in {fashion_dir(cfg.data_dir)} "
                           f"(missing {', '.join(missing)}); {HOW_TO_GET_FASHION}")
+    if cfg.dataset == "words":
+        return word_checks(cfg)
     n_train = digits_train_size(cfg.test_fraction) if cfg.dataset == "digits" else TRAIN_SIZES[cfg.dataset]
     if n_train is not None and cfg.num_clients > n_train:
         errors.append(f"num-clients: expected at most {n_train} (training samples of {cfg.dataset}), "
@@ -78,6 +80,17 @@ def data_checks(cfg: RunConfig) -> list[str]:
         errors.append(f"classes-per-client: expected at most {classes} (classes in {cfg.dataset}), "
                       f"got {cfg.classes_per_client}")
     return errors
+
+
+def word_checks(cfg: RunConfig) -> list[str]:
+    """The words population: wordfreq installed and listing at least num-items words."""
+    from simulations.histogram_data import word_distribution
+
+    try:
+        word_distribution(cfg.num_items)
+    except (RuntimeError, ValueError) as exc:
+        return [str(exc)]
+    return []
 
 
 def resolve(experiment: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:

@@ -10,7 +10,7 @@ from typing import Any
 
 from flwr.clientapp import ClientApp
 
-from server.app import ServerSetup, build_server_app
+from server.app import build_server_app
 from server.config import RunConfig
 from server.progress import LogReporter, Reporter
 
@@ -43,10 +43,9 @@ def simulate(
     from flwr.simulation import run_simulation
 
     from simulations.apps import client_app as default_client_app
-    from simulations.apps import test_data
+    from simulations.apps import server_setup
 
-    setup = ServerSetup(config=cfg, test_data=test_data(cfg), run_dir=Path(run_dir),
-                        reporter=reporter or LogReporter(), resume=resume)
+    setup = server_setup(cfg, Path(run_dir), reporter=reporter or LogReporter(), resume=resume)
     server_app = build_server_app(lambda _grid, _context: setup)
     cpus = os.cpu_count() or 1
     backend_config = {
