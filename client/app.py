@@ -9,24 +9,12 @@ resolved configuration, kebab-case keys), so the same app works under ``fedpriv 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-
-@dataclass(frozen=True)
-class ClientData:
-    """A node's local data: images (N, 1, S, S) float32 and labels (N,) int64; for histogram jobs, ``x`` holds
-    its users' item counts (users × k) int64 and ``y`` is empty."""
-
-    x: np.ndarray
-    y: np.ndarray
-    num_classes: int
-    client_id: str
-
+from client.data import ClientData
 
 DataSource = Callable[[Context, Mapping[str, Any]], ClientData]
 

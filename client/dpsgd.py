@@ -15,7 +15,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.app import ClientData
+from client.data import ClientData
 
 # Integer RDP orders: Opacus evaluates them in closed form (its fractional orders cost ~0.25 s per call); the
 # cross-check is then a little looser than the ledger, never tighter.

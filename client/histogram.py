@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from client.app import ClientData
+from client.data import ClientData
 from privacy.histogram import HistogramQuery
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from client.app import ClientData
+from client.data import ClientData
 
 STATE_KEY = "label-dp"  # ArrayRecord in Context.state: stage (n,), noisy (n,), kept (n,) once filtered
 UNSET = -1
