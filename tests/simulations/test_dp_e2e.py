@@ -29,8 +29,10 @@ def test_dpsgd_accumulates_epsilon_across_rounds_in_the_ledger(tmp_path) -> None
     assert 0.9 * 8.0 < privacy["epsilon"] <= 8.0  # calibrated for 2 rounds, spent them all
     rows = rows_of(tmp_path)
     assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] == pytest.approx(privacy["epsilon"])
-    # Opacus' own accountant on each client (history kept across rounds) never exceeds the ledger's figure.
-    assert 0 < rows[0]["dp_client_epsilon_max"] < rows[1]["dp_client_epsilon_max"] <= rows[1]["epsilon"] * 1.02
+    # Opacus' own accountant on each client (history kept across rounds) accumulates too and agrees with the ledger;
+    # it is evaluated at integer RDP orders only, so it may be slightly looser, never much tighter.
+    assert 0 < rows[0]["dp_client_epsilon_max"] < rows[1]["dp_client_epsilon_max"]
+    assert rows[1]["epsilon"] * 0.99 <= rows[1]["dp_client_epsilon_max"] <= rows[1]["epsilon"] * 1.05
     assert summary["final"]["test_accuracy"] > 0.3
     with Ledger(tmp_path / "ledger.sqlite", create=False) as led:
         releases = led.releases()
