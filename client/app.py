@@ -72,15 +72,18 @@ def build_client_app(data_source: DataSource) -> ClientApp:
         cfg = dict(msg.content["config"])
         data = data_source(context, cfg)
         task = str(cfg.get("client-task", "fit"))
+        # Privacy noise is seeded only in simulation (reproducible runs); a deployed node draws it from OS entropy,
+        # since the server knows the run's seed and could otherwise regenerate and remove the noise.
+        pid = context.node_config.get("partition-id")
+        simulated = pid is not None
         if task == "dpsgd":
             from client.dpsgd import dpsgd_fit
 
-            content = dpsgd_fit(msg.content["arrays"], cfg, data, _seed(cfg, context), context.state)
+            seed = _seed(cfg, context) if simulated else None
+            content = dpsgd_fit(msg.content["arrays"], cfg, data, seed, context.state)
         elif task == "label-dp":
             from client.label_dp import label_dp_fit
 
-            pid = context.node_config.get("partition-id")
-            simulated = pid is not None  # a deployed node draws its label noise from OS entropy
             rr_seed = int(cfg.get("seed", 0)) * 1_000_003 + int(pid) if simulated else None
             content = label_dp_fit(msg.content, cfg, data, _seed(cfg, context), context.state, rr_seed, simulated)
         elif task == "fit":

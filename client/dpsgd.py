@@ -41,9 +41,14 @@ def save_history(state: RecordDict, history: list[tuple[float, float, int]]) -> 
 
 
 def dpsgd_fit(
-    arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData, seed: int, state: RecordDict
+    arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData, seed: int | None, state: RecordDict
 ) -> RecordDict:
-    """Train with DP-SGD for ``local-epochs`` epochs; reply the update, metrics and the client's own ε."""
+    """Train with DP-SGD for ``local-epochs`` epochs; reply the update, metrics and the client's own ε.
+
+    ``seed`` seeds the Poisson sampling and the noise (reproducible simulations). ``None`` — a deployed node —
+    draws both from OS entropy: a seed the server can know would let it subtract the noise. (torch's unseeded
+    generators are *not* random: they start from a fixed default seed.)
+    """
     import torch
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
@@ -56,7 +61,12 @@ def dpsgd_fit(
     clip = float(cfg["clip-norm"])
     batch_size = int(cfg["batch-size"])
     epochs = int(cfg["local-epochs"])
-    torch.manual_seed(seed)
+    sampler, noise = torch.Generator(), torch.Generator()
+    for offset, gen in enumerate((sampler, noise)):
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed + offset)
 
     model = build_model(str(cfg["model"]), image_size=data.x.shape[-1], num_classes=data.num_classes)
     model.load_state_dict(arrays.to_torch_state_dict())
@@ -64,13 +74,13 @@ def dpsgd_fit(
                        weight_decay=float(cfg["weight-decay"]), optimizer=str(cfg["optimizer"]))
     optimizer = make_optimizer(model, tcfg)
     dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y).long())
-    loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(dataset, batch_size=batch_size, generator=sampler)
 
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = load_history(state)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
-        poisson_sampling=True,
+        poisson_sampling=True, noise_generator=noise,
     )
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()

@@ -363,21 +363,23 @@ class CountProfile:
 
     @classmethod
     def from_user_counts(cls, user_counts: UserCounts) -> CountProfile:
-        """Profile of users with equal m (raises otherwise)."""
+        """Profile of users with equal m (raises otherwise); a callable source is read once, block by block."""
         profile: np.ndarray | None = None
         for chunk in _chunks(user_counts):
             c = check_counts(chunk)
+            if not c.shape[0]:
+                continue
             m_u = c.sum(axis=1)
-            if c.shape[0] and m_u.min() != m_u.max():
-                raise ValueError(
-                    f"user_counts: a count profile needs equal m, got users with {m_u.min()} to {m_u.max()}")
-            m = int(m_u[0]) if c.shape[0] else 0
+            m = int(m_u[0])
+            if m_u.min() != m_u.max() or (profile is not None and profile.shape[1] != m + 1):
+                got = f"{m_u.min()} to {m_u.max()}" if profile is None else f"{profile.shape[1] - 1} and {m}"
+                raise ValueError(f"user_counts: a count profile needs every user to hold the same m, got {got}")
+            k = c.shape[1]
             if profile is None:
-                profile = np.zeros((c.shape[1], m + 1), dtype=np.int64)
-            if profile.shape[1] != m + 1 and c.shape[0]:
-                raise ValueError(f"user_counts: a count profile needs equal m, got {profile.shape[1] - 1} and {m}")
-            for j in range(c.shape[1]):
-                profile[j] += np.bincount(c[:, j], minlength=m + 1)[: m + 1]
+                profile = np.zeros((k, m + 1), dtype=np.int64)
+            # profile[j, t] += number of users in the block holding item j exactly t times, all j at once
+            profile += np.bincount((np.arange(k)[None, :] * (m + 1) + c).ravel(), minlength=k * (m + 1)).reshape(
+                k, m + 1)
         if profile is None:
             raise ValueError("user_counts must hold at least one user, got 0")
         return cls(profile)

@@ -45,15 +45,9 @@ def sample_users(p: np.ndarray, n: int, m: int, rng: np.random.Generator) -> np.
 
 
 def sample_profile(p: np.ndarray, n: int, m: int, rng: np.random.Generator, chunk: int = 20_000) -> CountProfile:
-    """The count profile of n users drawing m items each from ``p``, built ``chunk`` users at a time."""
-    k = len(p)
-    counts = np.zeros((k, m + 1), dtype=np.int64)
-    for start in range(0, n, chunk):
-        block = sample_users(p, min(chunk, n - start), m, rng)
-        # counts[j, t] += #users in block with block[:, j] == t, for all j at once
-        counts += np.bincount((np.arange(k)[None, :] * (m + 1) + block).ravel(), minlength=k * (m + 1)).reshape(
-            k, m + 1)
-    return CountProfile(counts)
+    """The count profile of n users drawing m items each from ``p``, drawn ``chunk`` users at a time."""
+    return CountProfile.from_user_counts(
+        lambda: (sample_users(p, min(chunk, n - start), m, rng) for start in range(0, n, chunk)))
 
 
 def node_users(cfg: Mapping[str, Any], partition_id: int) -> np.ndarray:
@@ -65,10 +59,4 @@ def node_users(cfg: Mapping[str, Any], partition_id: int) -> np.ndarray:
 
 def population_profile(cfg: Mapping[str, Any]) -> CountProfile:
     """The count profile of the whole simulated federation — exactly the users the Flower clients hold."""
-    from privacy.histogram import CountProfile as Profile
-
-    k, m = int(cfg["num-items"]), int(cfg["samples-per-user"])
-    counts = np.zeros((k, m + 1), dtype=np.int64)
-    for node in range(int(cfg["num-clients"])):
-        counts += Profile.from_user_counts(node_users(cfg, node)).counts
-    return Profile(counts)
+    return CountProfile.from_user_counts(lambda: (node_users(cfg, node) for node in range(int(cfg["num-clients"]))))

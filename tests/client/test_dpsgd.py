@@ -56,3 +56,14 @@ def test_update_is_noised_and_clipped(data: ClientData) -> None:
     assert norm <= 0.1 * 1e-3 * batches_per_epoch(300, 32) * 1.0001
     noisy = update(**{"clip-norm": 1e-3, "dp-noise-multiplier": 5.0})
     assert np.sqrt(sum(float((d**2).sum()) for d in noisy.values())) > 10 * norm
+
+
+def test_noise_is_reproducible_only_when_seeded(data: ClientData) -> None:
+    arrays = ArrayRecord(build_model("mlp", 8, 10, seed=0).state_dict())
+
+    def weights(seed: int | None) -> np.ndarray:
+        out = dpsgd_fit(arrays, cfg(), data, seed=seed, state=RecordDict())["arrays"]
+        return np.concatenate([a.numpy().ravel() for a in out.values()])
+
+    np.testing.assert_array_equal(weights(3), weights(3))  # simulation: reproducible
+    assert not np.array_equal(weights(None), weights(None))  # deployed: OS entropy, not torch's fixed default

@@ -6,20 +6,18 @@ import math
 
 import dp_accounting as dpa
 import pytest
-from dp_accounting import pld, rdp
+from dp_accounting import pld
 
 from privacy.accounting import RDP_ORDERS, epsilon, event_from_json, event_to_json
 from privacy.mechanisms import RandomizedResponse, RRWithPrior
+from tests.oracles import dpa_rdp_epsilon
 
 DELTA = 1e-5
 SAMPLED = dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(1.1))
 
 
 def dpa_rdp(*events: dpa.DpEvent) -> float:
-    acc = rdp.RdpAccountant(orders=list(RDP_ORDERS))
-    for e in events:
-        acc.compose(e)
-    return acc.get_epsilon(DELTA)
+    return dpa_rdp_epsilon(*events, delta=DELTA)
 
 
 def test_single_gaussian() -> None:

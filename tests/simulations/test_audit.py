@@ -6,22 +6,18 @@ import json
 
 import dp_accounting as dpa
 import pytest
-from dp_accounting import rdp
 
-from privacy.accounting import RDP_ORDERS
 from privacy.ledger import Ledger
 from privacy.mechanisms import RandomizedResponse
 from simulations.cli import main
+from tests.oracles import dpa_rdp_epsilon
 
 DELTA = 1e-5
 SAMPLED = dpa.PoissonSampledDpEvent(0.02, dpa.GaussianDpEvent(0.9))
 
 
 def rdp_eps(*events: dpa.DpEvent) -> float:
-    acc = rdp.RdpAccountant(orders=list(RDP_ORDERS))
-    for e in events:
-        acc.compose(e)
-    return acc.get_epsilon(DELTA)
+    return dpa_rdp_epsilon(*events, delta=DELTA)
 
 
 @pytest.fixture
