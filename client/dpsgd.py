@@ -45,14 +45,24 @@ def dpsgd_fit(
 ) -> RecordDict:
     """Train with DP-SGD for ``local-epochs`` epochs; reply the update, metrics and the client's own ε.
 
+    Opacus provides the Poisson ``DPDataLoader`` (sampling rate q = 1 / batches per epoch) and the RDP accountant
+    whose history persists in the node state. The update is DP-SGD with flat per-example clipping to
+    ``clip-norm``, Gaussian noise of std ``dp-noise-multiplier × clip-norm`` on the clipped sum and averaging by the
+    expected batch size. ``grad-sample-mode`` picks the per-example gradient engine: ``layers`` (default) or
+    ``vmap`` (:mod:`client.per_sample`, whose step reproduces ``DPOptimizer``'s arithmetic), or ``hooks`` —
+    Opacus' own ``GradSampleModule`` + ``DPOptimizer``, the slower reference the others are tested against.
+
     ``seed`` seeds the Poisson sampling and the noise (reproducible simulations). ``None`` — a deployed node —
     draws both from OS entropy: a seed the server can know would let it subtract the noise. (torch's unseeded
     generators are *not* random: they start from a fixed default seed.)
     """
     import torch
-    from opacus import PrivacyEngine
+    from opacus.accountants import RDPAccountant
+    from opacus.data_loader import DPDataLoader
+    from opacus.validators import ModuleValidator
     from torch.utils.data import DataLoader, TensorDataset
 
+    from client.per_sample import dp_sgd_step, per_example_gradients
     from models import TrainConfig, build_model, set_torch_threads
     from models.training import make_optimizer
 
@@ -61,6 +71,7 @@ def dpsgd_fit(
     clip = float(cfg["clip-norm"])
     batch_size = int(cfg["batch-size"])
     epochs = int(cfg["local-epochs"])
+    mode = str(cfg.get("grad-sample-mode", "layers"))
     sampler, noise = torch.Generator(), torch.Generator()
     for offset, gen in enumerate((sampler, noise)):
         if seed is None:
@@ -70,37 +81,57 @@ def dpsgd_fit(
 
     model = build_model(str(cfg["model"]), image_size=data.x.shape[-1], num_classes=data.num_classes)
     model.load_state_dict(arrays.to_torch_state_dict())
+    ModuleValidator.validate(model, strict=True)  # no BatchNorm or other layers that mix examples
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                        weight_decay=float(cfg["weight-decay"]), optimizer=str(cfg["optimizer"]))
-    optimizer = make_optimizer(model, tcfg)
     dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y).long())
-    loader = DataLoader(dataset, batch_size=batch_size, generator=sampler)
+    loader = DPDataLoader.from_data_loader(DataLoader(dataset, batch_size=batch_size), generator=sampler)
+    sample_rate = 1 / len(loader)
+    expected_batch_size = int(len(dataset) * sample_rate)
+    accountant = RDPAccountant()
+    accountant.history = load_history(state)
+    if mode == "hooks":
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
 
-    engine = PrivacyEngine(accountant="rdp")
-    engine.accountant.history = load_history(state)
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=clip,
-        poisson_sampling=True, noise_generator=noise,
-    )
-    loss_fn = torch.nn.CrossEntropyLoss()
+        model = GradSampleModule(model, loss_reduction="mean")
+        model.forbid_grad_accumulation()
+        optimizer = DPOptimizer(make_optimizer(model, tcfg), noise_multiplier=sigma, max_grad_norm=clip,
+                                expected_batch_size=expected_batch_size, loss_reduction="mean", generator=noise)
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        loss_fn = torch.nn.CrossEntropyLoss()
+    elif mode in ("layers", "vmap"):
+        grads_of = per_example_gradients(model, torch.nn.CrossEntropyLoss(reduction="none"), mode)
+        optimizer = make_optimizer(model, tcfg)
+    else:
+        raise ValueError(f"grad-sample-mode must be one of layers, vmap, hooks, got {mode!r}")
+
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
         for xb, yb in loader:
-            optimizer.zero_grad(set_to_none=True)
             # An empty Poisson batch still takes a (noise-only) step: the mechanism is the same every step.
-            loss = loss_fn(model(xb), yb) if len(yb) else model(xb).sum() * 0.0
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(yb)
+            if mode == "hooks":
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xb), yb) if len(yb) else model(xb).sum() * 0.0
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(yb)
+            else:
+                grads = grads_of(xb, yb)
+                dp_sgd_step(optimizer, grads, clip_norm=clip, noise_multiplier=sigma,
+                            expected_batch_size=expected_batch_size, generator=noise)
+                accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
+                total += float(grads.losses.sum())
             count += len(yb)
-    save_history(state, engine.accountant.history)
+    save_history(state, accountant.history)
     delta = float(cfg["target-delta"])
     metrics = MetricRecord({
         "train-loss": total / max(count, 1),
         "num-examples": len(data.y),
-        "dp-steps": int(sum(steps for *_, steps in engine.accountant.history)),
-        "dp-client-epsilon": float(engine.accountant.get_epsilon(delta, alphas=CHECK_ORDERS)),
+        "dp-steps": int(sum(steps for *_, steps in accountant.history)),
+        "dp-client-epsilon": float(accountant.get_epsilon(delta, alphas=CHECK_ORDERS)),
     })
-    state_dict = {k: v.detach() for k, v in model._module.state_dict().items()}
+    plain = model._module if mode == "hooks" else model
+    state_dict = {k: v.detach() for k, v in plain.state_dict().items()}
     return RecordDict({"arrays": ArrayRecord(state_dict), "metrics": metrics})

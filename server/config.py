@@ -22,6 +22,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DP_MODES = ("none", "dpsgd", "dpfedavg")
 ACCOUNTANTS = ("rdp", "pld")
+GRAD_SAMPLE_MODES = ("layers", "vmap", "hooks")
 BUDGET_SCOPES = ("run", "ledger")
 LABEL_MECHANISMS = ("rr", "rr-prior")
 RETRAIN_MODES = ("continue", "scratch")
@@ -81,6 +82,8 @@ class RunConfig:
                             lo=0.0, lo_open=True)
     noise_multiplier: float = _opt(0.0, "fixed noise multiplier; 0 calibrates it from target-epsilon", lo=0.0)
     accountant: str = _opt("rdp", "privacy accountant (dp-accounting)", choices=ACCOUNTANTS)
+    grad_sample_mode: str = _opt("layers", "dpsgd per-example gradients: Opacus' layer samplers without the batch "
+                                 "gradient, torch.func vmap, or Opacus' GradSampleModule", choices=GRAD_SAMPLE_MODES)
     ledger: str = _opt("", "privacy ledger file shared across runs (default <run dir>/ledger.sqlite)")
     budget_epsilon: float = _opt(0.0, "stop or leave out participants before ε would exceed this (0: no budget)",
                                  lo=0.0)

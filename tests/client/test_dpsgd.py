@@ -67,3 +67,14 @@ def test_noise_is_reproducible_only_when_seeded(data: ClientData) -> None:
 
     np.testing.assert_array_equal(weights(3), weights(3))  # simulation: reproducible
     assert not np.array_equal(weights(None), weights(None))  # deployed: OS entropy, not torch's fixed default
+
+
+@pytest.mark.parametrize("mode", ["layers", "vmap"])
+def test_fast_engines_give_opacus_hooks_private_update(data: ClientData, mode: str) -> None:
+    arrays = ArrayRecord(build_model("mlp", 8, 10, seed=0).state_dict())
+    out = {m: dpsgd_fit(arrays, cfg(**{"grad-sample-mode": m}), data, seed=4, state=RecordDict())
+           for m in (mode, "hooks")}
+    for name, a in out[mode]["arrays"].items():
+        np.testing.assert_allclose(a.numpy(), out["hooks"]["arrays"][name].numpy(), rtol=1e-4, atol=1e-6)
+    assert out[mode]["metrics"]["train-loss"] == pytest.approx(out["hooks"]["metrics"]["train-loss"], rel=1e-4)
+    assert out[mode]["metrics"]["dp-client-epsilon"] == out["hooks"]["metrics"]["dp-client-epsilon"]
