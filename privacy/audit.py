@@ -493,6 +493,11 @@ def distinguishing_audit(
 _LEAK_FACTOR: ContextVar[float] = ContextVar("fedpriv_audit_leak_factor", default=1.0)
 
 
+def current_leak_factor() -> float:
+    """1.0, or the factor of an active :func:`_broken_for_tests` block (read by audit drivers only)."""
+    return _LEAK_FACTOR.get()
+
+
 @contextmanager
 def _broken_for_tests(leak_factor: float = 4.0) -> Iterator[float]:
     """TEST ONLY: make this module's audit drivers run *weaker* mechanisms than the ε they account.

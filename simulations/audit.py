@@ -131,9 +131,44 @@ def render_html(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def render_empirical(results: list, fmt: str) -> None:
+    """Accounted ε beside the measured lower bound, one row per audited run."""
+    from simulations.empirical import results_json
+
+    if fmt == "json":
+        print(results_json(results))
+        return
+    head = ["run", "mechanism", "participant", "accounted ε", "empirical ε lower bound", "confidence", "attack"]
+    rows = [[r.run_id, r.mechanism, f"{r.participant} ({r.unit})", f"{r.accounted_epsilon:.4g}",
+             f"{r.epsilon_lb:.4g}" + ("  VIOLATION" if r.violation else ""), f"{r.confidence:.0%}", r.attack]
+            for r in results]
+    if fmt == "html":
+        cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        print(f"<!doctype html><meta charset='utf-8'><title>fedpriv empirical audit</title><h1>Empirical privacy "
+              f"audit</h1><p>δ = {results[0].delta:g}. A lower bound above the accounted ε proves a privacy bug; "
+              "one below it only means this attack found none.</p><table border=1><tr>"
+              + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{cells}</table>")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Empirical privacy audit (δ = {results[0].delta:g}; lower bounds hold with the stated "
+                  "confidence)", title_justify="left")
+    for h in head:
+        table.add_column(h)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
 def audit(path: str, fmt: str = "table", delta: float | None = None, budget: float | None = None,
-          accountant: str = "rdp") -> int:
-    """Print the audit of ``path`` (a run directory or a ledger file) in ``fmt``; raises AuditError."""
+          accountant: str = "rdp", empirical: bool = False, confidence: float = 0.95, trials: int | None = None,
+          seed: int = 0) -> int:
+    """Print the audit of ``path`` (a run directory or a ledger file) in ``fmt``; raises AuditError.
+
+    ``empirical``: instead of the ledger's report, attack each run's mechanism (:mod:`simulations.empirical`)
+    and print the measured lower bound on ε beside the accounted ε.
+    """
     from privacy.ledger import Ledger, LedgerError
     from privacy.report import build_report
 
@@ -146,6 +181,10 @@ def audit(path: str, fmt: str = "table", delta: float | None = None, budget: flo
         errors.append(f"--budget: expected a value > 0, got {budget!r}")
     if accountant not in ("rdp", "pld"):
         errors.append(f"--accountant: expected one of rdp, pld, got {accountant!r}")
+    if not (math.isfinite(confidence) and 0.0 < confidence < 1.0):
+        errors.append(f"--confidence: expected a value > 0 and < 1, got {confidence!r}")
+    if trials is not None and trials < 2:
+        errors.append(f"--trials: expected an integer ≥ 2, got {trials!r}")
     if errors:
         raise AuditError("\n".join(errors))
     target = Path(path)
@@ -158,8 +197,18 @@ def audit(path: str, fmt: str = "table", delta: float | None = None, budget: flo
         if delta is None:  # the δ the runs were configured with, when they agree
             deltas = {r["config"].get("target-delta") for r in ledger.runs()} - {None}
             delta = deltas.pop() if len(deltas) == 1 else 1e-5
-        report = build_report(ledger, delta, budget_epsilon=budget, accountant=accountant,
-                              run_id=run_filter(target) if ledger_path.parent == target else None)
+        run_id = run_filter(target) if ledger_path.parent == target else None
+        if empirical:
+            from simulations.empirical import EmpiricalAuditError, empirical_audit
+
+            try:
+                results = empirical_audit(ledger, run_id, delta=delta, confidence=confidence, trials=trials,
+                                          seed=seed, accountant=accountant)
+            except EmpiricalAuditError as exc:
+                raise AuditError(str(exc)) from None
+            render_empirical(results, fmt)
+            return 0
+        report = build_report(ledger, delta, budget_epsilon=budget, accountant=accountant, run_id=run_id)
     if fmt == "json":
         print(json.dumps(report, indent=2))
     elif fmt == "html":

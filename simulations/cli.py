@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--delta", type=float, default=None, help="δ of the reported ε (default: the runs' target-delta)")
     a.add_argument("--budget", type=float, default=None, help="ε budget per participant, to show what remains")
     a.add_argument("--accountant", default="rdp", help="rdp (default) or pld")
+    a.add_argument("--empirical", action="store_true",
+                   help="attack each run's mechanism and report a measured lower bound on ε beside the accounted ε")
+    a.add_argument("--confidence", type=float, default=0.95, help="confidence of the empirical lower bound")
+    a.add_argument("--trials", type=int, default=None, help="releases per side of the empirical distinguishing game")
+    a.add_argument("--seed", type=int, default=0, help="seed of the empirical attack")
 
     e = sub.add_parser("experiments", help="list bundled experiments")
     e.add_argument("--keys", action="store_true", help="list every config key with its type and default")
@@ -158,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "experiments":
             return cmd_experiments(args)
         if args.command == "audit":
-            return audit(args.path, args.format, args.delta, args.budget, args.accountant)
+            return audit(args.path, args.format, args.delta, args.budget, args.accountant, args.empirical,
+                         args.confidence, args.trials, args.seed)
         return cmd_simulate(args)
     except (ConfigError, UsageError) as exc:
         for line in exc.errors:
