@@ -11,6 +11,7 @@ the *implementation* the run used:
   gradient of norm C along their own coordinate; every step goes through :func:`client.per_sample.dp_sgd_step`
   (the clipping, noise and averaging of the run) with the run's σ, for the run's number of steps. The score
   of a canary is the total descent along its coordinate.
+  :func:`audit_dpsgd_runs` is the classic many-run distinguishing test for small models.
 * ``dpfedavg`` — many-run distinguishing game through :class:`strategies.dp_fedavg.CentralDpFedAvg`'s own
   aggregation (Flower's server-side clipping and noise): one sampled client sends an update of norm ≥ C along
   a fixed direction (D′) or no change (D), over the run's rounds; score = the summed released coordinate.
@@ -118,6 +119,49 @@ def audit_dpsgd(
     half = num_canaries // 2
     pairs = [(k, k) for k in (10, 25, 50, 100, 200, 400) if 2 * k <= num_canaries] or [(half // 2, half // 2)]
     return accounted, pa.one_run_audit(scores, included, delta, confidence, pairs)
+
+
+def audit_dpsgd_runs(
+    steps: Sequence[tuple[float, float, int]], *, delta: float, trials: int = 1000, confidence: float = 0.95,
+    num_examples: int = 32, dim: int = 16, clip_norm: float = 1.0, seed: int = 0, accountant: str = "rdp",
+) -> tuple[float, pa.DistinguishingAudit]:
+    """The classic many-run distinguishing test (Jagielski et al. 2020; Nasr et al. 2021) on a small model.
+
+    Each run trains a ``dim``-parameter model with :func:`client.per_sample.dp_sgd_step` for ``steps`` on
+    ``num_examples`` fixed examples whose gradients are random directions of norm 2C off coordinate 0 (D), or on
+    the same examples plus one canary whose gradient is 2C along coordinate 0 (D′); Poisson sampling at each
+    step's rate. Score = descent along coordinate 0. Returns (accounted ε of the steps, the audit).
+    """
+    import torch
+
+    from client.per_sample import PerExampleGrads, dp_sgd_step
+
+    accounted = accounting.epsilon(
+        [dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), n) for s, q, n in steps],
+        delta, accountant)
+    leak = pa.current_leak_factor()
+    data_rng = np.random.default_rng(seed)
+    base = data_rng.normal(size=(num_examples, dim))
+    base[:, 0] = 0.0
+    base *= 2 * clip_norm / np.linalg.norm(base, axis=1, keepdims=True)  # (n, d), clipped to C by the step
+    canary = np.zeros((1, dim))
+    canary[0, 0] = 2 * clip_norm
+    datasets = (torch.from_numpy(base), torch.from_numpy(np.vstack([base, canary])))
+    noise = torch.Generator().manual_seed(seed + 1)
+
+    def run(changed: bool, rng: np.random.Generator) -> float:
+        grads_all = datasets[int(changed)]
+        theta = torch.nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+        optimizer = torch.optim.SGD([theta], lr=1.0)
+        for sigma, q, count in steps:
+            for _ in range(count):
+                batch = grads_all[torch.from_numpy(rng.random(len(grads_all)) < q)]  # Poisson sample (B, d)
+                dp_sgd_step(optimizer, PerExampleGrads(batch.new_zeros(len(batch)), {theta: batch}),
+                            clip_norm=clip_norm, noise_multiplier=sigma / leak,
+                            expected_batch_size=max(1, round(q * num_examples)), generator=noise)
+        return -float(theta.detach()[0])
+
+    return accounted, pa.distinguishing_audit(run, trials, delta, confidence, np.random.default_rng(seed + 2))
 
 
 # ---------------------------------------------------------------------------------------------------------

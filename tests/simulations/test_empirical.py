@@ -12,7 +12,7 @@ from privacy.audit import _broken_for_tests
 from privacy.ledger import Ledger
 from privacy.mechanisms import calibrate_gaussian
 from simulations.cli import main
-from simulations.empirical import audit_dpfedavg, audit_dpsgd
+from simulations.empirical import audit_dpfedavg, audit_dpsgd, audit_dpsgd_runs
 
 DELTA = 1e-5
 
@@ -32,6 +32,15 @@ def test_dpsgd_canary_audit_bounds_and_catches_weaker_noise() -> None:
         claimed, broken = audit_dpsgd([(sigma, 1.0, steps)], delta=DELTA, seed=0)
     assert claimed == accounted
     assert broken.epsilon_lb > claimed + 1.0, broken
+
+
+def test_dpsgd_many_run_game_bounds_and_catches_weaker_noise() -> None:
+    steps = [(calibrate_gaussian(1.0, DELTA, steps=5, sampling_probability=0.5), 0.5, 5)]
+    accounted, ok = audit_dpsgd_runs(steps, delta=DELTA, trials=600)
+    assert ok.epsilon_lb <= accounted
+    with _broken_for_tests(20.0):
+        claimed, broken = audit_dpsgd_runs(steps, delta=DELTA, trials=600)
+    assert broken.epsilon_lb > claimed, broken
 
 
 def test_dpfedavg_game_bounds_and_catches_weaker_noise() -> None:
