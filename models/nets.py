@@ -2,8 +2,9 @@
 
 * ``mlp``: a two-hidden-layer perceptron, the default for scikit-learn digits (8×8).
 * ``cnn``: a LeNet-style convolutional net for Fashion-MNIST (28×28).
+* ``vit``: a small Vision Transformer (:mod:`models.vit`) with softmax (SDPA) or LASER attention.
 
-Both take images shaped (N, 1, H, W) with values in [0, 1] and return logits (N, num_classes). Both use
+All take images shaped (N, 1, H, W) with values in [0, 1] and return logits (N, num_classes). All use
 GroupNorm-free, BatchNorm-free layers so that Opacus can compute per-sample gradients of every parameter.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODEL_NAMES = ("mlp", "cnn")
+MODEL_NAMES = ("mlp", "cnn", "vit")
 
 
 class MLP(nn.Module):
@@ -59,7 +60,9 @@ class CNN(nn.Module):
         return self.head(self.features(x))
 
 
-def build_model(name: str, image_size: int, num_classes: int, seed: int | None = None) -> nn.Module:
+def build_model(
+    name: str, image_size: int, num_classes: int, seed: int | None = None, *, attention: str = "sdpa"
+) -> nn.Module:
     """Build a fresh model by name.
 
     Parameters
@@ -72,6 +75,8 @@ def build_model(name: str, image_size: int, num_classes: int, seed: int | None =
         Number of output logits.
     seed : int, optional
         Seeds the weight initialization, so every process builds the same initial model.
+    attention : {"sdpa", "laser"}
+        Attention of the ``vit`` model (ignored by the others).
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -81,4 +86,8 @@ def build_model(name: str, image_size: int, num_classes: int, seed: int | None =
         if image_size % 4:
             raise ValueError(f"model 'cnn' needs an image side divisible by 4, got {image_size}")
         return CNN(image_size, num_classes)
+    if name == "vit":
+        from models.vit import ViT
+
+        return ViT(image_size, num_classes, attention=attention)
     raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {name!r}")

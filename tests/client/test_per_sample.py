@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import opacus  # noqa: F401  (imported first, as the DP-SGD client does: the ViT registers its grad sampler)
 import pytest
 import torch
 from torch import nn
@@ -40,6 +41,8 @@ CASES = {
     "cnn": (lambda: build_model("cnn", 28, 10, seed=0), lambda g: (torch.rand(5, 1, 28, 28, generator=g), 10)),
     "mlp": (lambda: build_model("mlp", 8, 10, seed=0), lambda g: (torch.rand(5, 1, 8, 8, generator=g), 10)),
     "tokens": (lambda: Tokens(wide=3), lambda g: (torch.randn(5, 6, 4, generator=g), 3)),
+    "vit-laser": (lambda: build_model("vit", 28, 10, seed=0, attention="laser"),
+                  lambda g: (torch.rand(3, 1, 28, 28, generator=g), 10)),
     "tokens-wide": (lambda: Tokens(wide=16), lambda g: (torch.randn(5, 6, 4, generator=g), 3)),
 }
 
@@ -47,6 +50,9 @@ CASES = {
 @pytest.mark.parametrize("mode", ["layers", "vmap"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_norms_and_clipped_sums_equal_per_example_backward(case: str, mode: str) -> None:
+    if (case, mode) == ("vit-laser", "vmap"):
+        pytest.skip("LASER recomputes underflowed rows behind a data-dependent branch, which vmap cannot trace; "
+                    "the default layers engine handles it")
     make, inputs = CASES[case]
     torch.manual_seed(0)
     model = make()
