@@ -15,6 +15,8 @@ the *implementation* the run used:
 * ``dpfedavg`` — many-run distinguishing game through :class:`strategies.dp_fedavg.CentralDpFedAvg`'s own
   aggregation (Flower's server-side clipping and noise): one sampled client sends an update of norm ≥ C along
   a fixed direction (D′) or no change (D), over the run's rounds; score = the summed released coordinate.
+* ``feddm-dp`` — many-run distinguishing game through the client's noised per-class statistics
+  (:func:`audit_feddm_dp`), one canary example added or not.
 * ``label-dp`` — the label attack on the run's randomized response (or RR-with-prior) from
   :mod:`privacy.audit`: guess the true label from the released one.
 * ``histogram`` — neighbouring populations differing in one user's whole data (:mod:`privacy.audit`).
@@ -38,7 +40,7 @@ import numpy as np
 from privacy import accounting
 from privacy import audit as pa
 
-AUDITED = ("dpsgd", "dpfedavg", "label-dp", "histogram")
+AUDITED = ("dpsgd", "dpfedavg", "feddm-dp", "label-dp", "histogram")
 NUM_CLASSES = {"digits": 10, "fashion-mnist": 10}
 
 
@@ -237,6 +239,66 @@ def audit_dpfedavg(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# FedDM-DP: many runs through the client's own noised statistics
+# ---------------------------------------------------------------------------------------------------------
+def audit_feddm_dp(
+    noise_multiplier: float, *, releases: int, rounds: int = 1, clip_norm: float = 1.0, delta: float,
+    trials: int = 1000, confidence: float = 0.95, seed: int = 0, accountant: str = "rdp", num_examples: int = 20,
+) -> tuple[float, pa.DistinguishingAudit]:
+    """Distinguishing game through :func:`client.feddm.noisy_statistics` (the only code that reads real data).
+
+    D: ``num_examples`` digits; D′: the same plus one canary example of class c. Per round the client releases
+    noisy class counts and, for each of ``releases`` model perturbations, noisy per-class sums of clipped
+    feature vectors. The white-box attacker knows the model, the perturbations, D and the canary, so it scores
+    Σ_t ⟨S̃_t[c] − S_t^D[c], f_t / ‖f_t‖⟩ / C + (ñ_c − n_c^D) — the likelihood-ratio direction of every release.
+    Returns (accounted ε of rounds × (releases + 1) Gaussian releases, the audit).
+    """
+    from client.feddm import Perturbation, class_sums, clip_rows, features, noisy_statistics, split_model
+    from models import build_model
+    from simulations.datasets import load_digits
+
+    accounted = accounting.epsilon(
+        [dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(noise_multiplier), releases + 1)] * rounds, delta, accountant)
+    leak = pa.current_leak_factor()
+    import torch
+
+    ds = load_digits()
+    x, y = ds.x_train[:num_examples], ds.y_train[:num_examples].astype(np.int64)
+    cls = int(y[0])
+    neighbours = ((x, y), (np.concatenate([x, ds.x_train[num_examples:num_examples + 1]]),
+                           np.concatenate([y, [cls]]).astype(np.int64)))
+    neighbours[1][1][-1] = cls
+    model = build_model("mlp", x.shape[-1], ds.num_classes, seed=seed)
+    perturb = Perturbation(model, rho=5.0)
+    body, head = split_model(model)
+    seeds = [seed * 1_000_003 + r * (releases + 1) for r in range(rounds)]
+    directions, base_sums = [], []  # per (round, release): canary's unit clipped feature, D's noise-free sum
+    for first in seeds:
+        for t in range(releases):
+            perturb.apply(torch.Generator().manual_seed(first + t))
+            with torch.no_grad():
+                f = clip_rows(features(body, head, torch.from_numpy(neighbours[1][0][-1:])).double(), clip_norm)[0]
+            directions.append((f / f.norm()).numpy())
+            base_sums.append(class_sums(model, x, y, ds.num_classes, clip_norm)[cls])
+    perturb.reset()
+    base_count = float(np.sum(y == cls))
+
+    def run(changed: bool, rng: np.random.Generator) -> float:
+        xs, ys = neighbours[int(changed)]
+        score, i = 0.0, 0
+        for first in seeds:
+            stats = noisy_statistics(model, perturb, xs, ys, ds.num_classes, releases=releases, clip=clip_norm,
+                                     noise_multiplier=noise_multiplier / leak, rng=rng, perturbation_seed=first)
+            score += float(stats.counts[cls]) - base_count
+            for noisy in stats.sums:
+                score += float((noisy[cls] - base_sums[i]) @ directions[i]) / clip_norm
+                i += 1
+        return score
+
+    return accounted, pa.distinguishing_audit(run, trials, delta, confidence, np.random.default_rng(seed + 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # a run directory or ledger → the right attack
 # ---------------------------------------------------------------------------------------------------------
 def _largest(ledger: Any, run_id: str, unit: str, delta: float, accountant: str) -> tuple[str, float, list]:
@@ -262,7 +324,8 @@ def audit_run(
     if kind not in AUDITED:
         raise EmpiricalAuditError(f"run {run_id} is not differentially private (strategy {strategy}, dp {dp}): "
                                   "there is no privacy claim to audit")
-    unit = {"dpsgd": "example", "dpfedavg": "user", "label-dp": "label", "histogram": "user"}[kind]
+    unit = {"dpsgd": "example", "dpfedavg": "user", "feddm-dp": "example", "label-dp": "label",
+            "histogram": "user"}[kind]
     participant, spent, rows = _largest(ledger, run_id, unit, delta, accountant)
     rng = np.random.default_rng(seed)
     if kind == "dpsgd":
@@ -284,6 +347,19 @@ def audit_run(
                                          num_sampled_clients=sampled, delta=delta, trials=trials or 2000,
                                          confidence=confidence, seed=seed, accountant=accountant)
         return EmpiricalResult(run_id, f"dpfedavg(σ={sigmas[0]:.4g}, rounds={len(sigmas)}, clients={sampled})",
+                               participant, unit, f"distinguishing game, {game.n_neg}+{game.n_pos} counted runs",
+                               spent, game.epsilon_lb, confidence, delta,
+                               {**asdict(game), "mechanism_epsilon": accounted})
+    if kind == "feddm-dp":
+        rounds = [r.event for r in rows]
+        if not all(isinstance(e, dpa.SelfComposedDpEvent) and isinstance(e.event, dpa.GaussianDpEvent)
+                   for e in rounds):
+            raise EmpiricalAuditError(f"run {run_id}: feddm-dp rows must be self-composed Gaussian events")
+        sigma, count = float(rounds[0].event.noise_multiplier), int(rounds[0].count)
+        accounted, game = audit_feddm_dp(sigma, releases=count - 1, rounds=len(rounds), delta=delta,
+                                         clip_norm=float(cfg.get("clip-norm", 1.0)), trials=trials or 1000,
+                                         confidence=confidence, seed=seed, accountant=accountant)
+        return EmpiricalResult(run_id, f"feddm-dp(σ={sigma:.4g}, releases/round={count}, rounds={len(rounds)})",
                                participant, unit, f"distinguishing game, {game.n_neg}+{game.n_pos} counted runs",
                                spent, game.epsilon_lb, confidence, delta,
                                {**asdict(game), "mechanism_epsilon": accounted})

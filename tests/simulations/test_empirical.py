@@ -12,7 +12,7 @@ from privacy.audit import _broken_for_tests
 from privacy.ledger import Ledger
 from privacy.mechanisms import calibrate_gaussian
 from simulations.cli import main
-from simulations.empirical import audit_dpfedavg, audit_dpsgd, audit_dpsgd_runs
+from simulations.empirical import audit_dpfedavg, audit_dpsgd, audit_dpsgd_runs, audit_feddm_dp
 
 DELTA = 1e-5
 
@@ -49,6 +49,16 @@ def test_dpfedavg_game_bounds_and_catches_weaker_noise() -> None:
     assert ok.epsilon_lb <= accounted
     with _broken_for_tests(20.0):
         claimed, broken = audit_dpfedavg([sigma], clip_norm=1.0, num_sampled_clients=10, delta=DELTA, trials=400)
+    assert broken.epsilon_lb > claimed, broken
+
+
+@pytest.mark.slow
+def test_feddm_dp_game_bounds_and_catches_weaker_noise() -> None:
+    sigma = calibrate_gaussian(1.0, DELTA, steps=3)  # one round of 2 noised sums + the noised counts
+    accounted, ok = audit_feddm_dp(sigma, releases=2, delta=DELTA, trials=300)
+    assert ok.epsilon_lb <= accounted
+    with _broken_for_tests(20.0):
+        claimed, broken = audit_feddm_dp(sigma, releases=2, delta=DELTA, trials=300)
     assert broken.epsilon_lb > claimed, broken
 
 
