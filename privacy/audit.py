@@ -58,7 +58,7 @@ from scipy import special, stats
 from privacy import accounting
 from privacy.histogram import METHODS as HISTOGRAM_METHODS
 from privacy.histogram import CountProfile, HistogramEstimator
-from privacy.mechanisms import GaussianMechanism, RandomizedResponse, RRWithPrior
+from privacy.mechanisms import GaussianMechanism, RandomizedResponse, RRWithPrior, _check_rng
 
 __all__ = [
     "DistinguishingAudit",
@@ -110,14 +110,6 @@ def _check_count(name: str, value: object, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _check_rng(rng: object) -> np.random.Generator:
-    if not isinstance(rng, np.random.Generator):
-        raise ValueError(
-            f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}"
-        )
-    return rng
 
 
 def _check_scores(name: str, scores: ArrayLike) -> np.ndarray:
