@@ -7,19 +7,24 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedpriv-installed
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
+NODES ?= 2
 
 # Flower: no telemetry, a project-local home, never re-install dependencies at run time.
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_HOME := $(CURDIR)/.flwr
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: run test install data lint bench clean
+.PHONY: run test install data lint bench deploy clean
 
 run: install data
 	$(VENV)/bin/fedpriv simulate $(ARGS)
 
 test: install data
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A real SuperLink + $(NODES) SuperNodes on 127.0.0.1 with TLS and SuperNode authentication (README "Deploy to devices").
+deploy: install data
+	$(VENV)/bin/fedpriv deploy local --nodes $(NODES) $(ARGS)
 
 install: $(STAMP)
 

@@ -15,14 +15,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.data import ClientData
+from client.faults import after_training, before_training, faults_enabled, plan_fault
 
 DataSource = Callable[[Context, Mapping[str, Any]], ClientData]
 
 
 def client_id(context: Context) -> str:
-    """Stable id of this client: its partition id in simulation, else its node id."""
+    """Stable id of this client: its node config's ``client-id`` when set (deployed nodes), its partition id in
+    simulation, else its node id."""
+    if (given := context.node_config.get("client-id")) is not None and str(given):
+        return str(given)
     pid = context.node_config.get("partition-id")
     return str(pid) if pid is not None else str(context.node_id)
+
+
+def _fault_client(context: Context) -> int:
+    pid = context.node_config.get("partition-id")
+    return int(pid) if pid is not None else int(context.node_id)
 
 
 def _seed(cfg: Mapping[str, Any], context: Context) -> int:
@@ -63,13 +72,19 @@ def build_client_app(data_source: DataSource) -> ClientApp:
 
     The server names the local procedure in ``config["client-task"]``: ``fit`` (plain local SGD),
     ``dpsgd`` (Opacus DP-SGD with the noise multiplier the server calibrated, see :mod:`client.dpsgd`) or
-    ``label-dp`` (training on privatized labels with consensus retraining, see :mod:`client.label_dp`).
+    ``label-dp`` (training on privatized labels with consensus retraining, see :mod:`client.label_dp`),
+    ``feddm`` / ``feddm-dp`` (learning a synthetic set by distribution matching, see :mod:`client.feddm`).
     """
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         cfg = dict(msg.content["config"])
+        fault = None
+        if faults_enabled(cfg):  # testing fault tolerance: see client.faults
+            who, server_round = _fault_client(context), int(cfg.get("server-round", 0))
+            fault = plan_fault(cfg, who, server_round)
+            before_training(fault, who, server_round)
         data = data_source(context, cfg)
         task = str(cfg.get("client-task", "fit"))
         # Privacy noise is seeded only in simulation (reproducible runs); a deployed node draws it from OS entropy,
@@ -86,10 +101,21 @@ def build_client_app(data_source: DataSource) -> ClientApp:
 
             rr_seed = int(cfg.get("seed", 0)) * 1_000_003 + int(pid) if simulated else None
             content = label_dp_fit(msg.content, cfg, data, _seed(cfg, context), context.state, rr_seed, simulated)
+        elif task == "feddm":
+            from client.feddm import feddm_fit
+
+            content = feddm_fit(msg.content["arrays"], cfg, data, _seed(cfg, context))
+        elif task == "feddm-dp":
+            from client.feddm import feddm_dp_fit
+
+            seed = _seed(cfg, context)
+            content = feddm_dp_fit(msg.content["arrays"], cfg, data, seed, seed if simulated else None)
         elif task == "fit":
             content = local_fit(msg.content["arrays"], cfg, data, _seed(cfg, context))
         else:
-            raise ValueError(f"client-task must be one of fit, dpsgd, label-dp, got {task!r}")
+            raise ValueError(f"client-task must be one of fit, dpsgd, label-dp, feddm, feddm-dp, got {task!r}")
+        if fault is not None:
+            content = after_training(fault, content, simulated)
         return Message(content=content, reply_to=msg)
 
     @app.query()

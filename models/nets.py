@@ -2,7 +2,8 @@
 
 * ``mlp``: a two-hidden-layer perceptron, the default for scikit-learn digits (8×8).
 * ``cnn``: a LeNet-style convolutional net for Fashion-MNIST (28×28).
-* ``vit``: a small Vision Transformer (:mod:`models.vit`) with softmax (SDPA) or LASER attention.
+* ``vit``: a small Vision Transformer (:mod:`models.vit`) with softmax (SDPA) attention; ``vit-laser``: the same
+  with LASER attention (a model name, so every strategy and experiment can pick it with ``model = ...``).
 
 All take images shaped (N, 1, H, W) with values in [0, 1] and return logits (N, num_classes). All use
 GroupNorm-free, BatchNorm-free layers so that Opacus can compute per-sample gradients of every parameter.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODEL_NAMES = ("mlp", "cnn", "vit")
+MODEL_NAMES = ("mlp", "cnn", "vit", "vit-laser")
 
 
 class MLP(nn.Module):
@@ -76,7 +77,7 @@ def build_model(
     seed : int, optional
         Seeds the weight initialization, so every process builds the same initial model.
     attention : {"sdpa", "laser"}
-        Attention of the ``vit`` model (ignored by the others).
+        Attention of the ``vit`` model (ignored by the others; ``vit-laser`` is ``vit`` with ``laser``).
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -86,8 +87,8 @@ def build_model(
         if image_size % 4:
             raise ValueError(f"model 'cnn' needs an image side divisible by 4, got {image_size}")
         return CNN(image_size, num_classes)
-    if name == "vit":
+    if name in ("vit", "vit-laser"):
         from models.vit import ViT
 
-        return ViT(image_size, num_classes, attention=attention)
+        return ViT(image_size, num_classes, attention="laser" if name == "vit-laser" else attention)
     raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {name!r}")

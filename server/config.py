@@ -14,18 +14,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-STRATEGIES = ("fedavg", "label-dp", "histogram")
+STRATEGIES = ("fedavg", "label-dp", "histogram", "feddm")
 DATASETS = ("digits", "fashion-mnist", "words")
 HISTOGRAM_METHODS = ("liu2020", "gaussian", "laplace")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "vit", "vit-laser")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-DP_MODES = ("none", "dpsgd", "dpfedavg")
+DP_MODES = ("none", "dpsgd", "dpfedavg", "feddm-dp")
 ACCOUNTANTS = ("rdp", "pld")
 GRAD_SAMPLE_MODES = ("layers", "vmap", "hooks")
 BUDGET_SCOPES = ("run", "ledger")
 LABEL_MECHANISMS = ("rr", "rr-prior")
 RETRAIN_MODES = ("continue", "scratch")
+FEDDM_MODELS = ("mlp", "cnn")  # networks client.feddm splits into features + linear head
 
 
 class ConfigError(Exception):
@@ -65,6 +66,17 @@ class RunConfig:
     round_timeout: float = _opt(600.0, "seconds to wait for client replies in a round", lo=0.0, lo_open=True)
     node_wait_timeout: float = _opt(120.0, "seconds to wait for num-clients nodes to connect", lo=0.0, lo_open=True)
     client_cpus: float = _opt(1.0, "CPU cores reserved per simulated client", lo=0.0, lo_open=True)
+    min_available_clients: int = _opt(0, "connected nodes a round needs to start (0: num-clients); rounds sample "
+                                      "from the connected ones, and wait node-wait-timeout for them", lo=0)
+    # fault injection (testing and benchmarks): applied by the ClientApp to its training replies, seeded by seed
+    fault_drop_rate: float = _opt(0.0, "share of training replies dropped (the client answers with an error)",
+                                  lo=0.0, hi=1.0)
+    fault_crash_rate: float = _opt(0.0, "share of training rounds in which the client process dies after training "
+                                   "(no reply)", lo=0.0, hi=1.0)
+    fault_malformed_rate: float = _opt(0.0, "share of training replies corrupted (non-finite, wrong shape or dtype, "
+                                       "undecodable, bad counts ...)", lo=0.0, hi=1.0)
+    fault_delay: float = _opt(0.0, "each training reply is delayed by U(0, fault-delay) seconds (past round-timeout: "
+                              "a timeout)", lo=0.0)
     # model and local training
     model: str = _opt("mlp", "network", choices=MODELS)
     local_epochs: int = _opt(1, "local epochs per round", lo=1)
@@ -75,10 +87,12 @@ class RunConfig:
     optimizer: str = _opt("sgd", "local optimizer", choices=OPTIMIZERS)
     seed: int = _opt(0, "seed of partitions, initial model, client sampling and local shuffling")
     # differential privacy
-    dp: str = _opt("none", "privacy mechanism: client DP-SGD (Opacus) or central DP-FedAvg", choices=DP_MODES)
+    dp: str = _opt("none", "privacy mechanism: client DP-SGD (Opacus), central DP-FedAvg, or DP FedDM (strategy "
+                   "feddm)", choices=DP_MODES)
     target_epsilon: float = _opt(8.0, "ε each participant may reach over the planned rounds", lo=0.0, lo_open=True)
     target_delta: float = _opt(1e-5, "δ of the privacy guarantee", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-    clip_norm: float = _opt(1.0, "ℓ2 clipping norm (per example for dpsgd, per client update for dpfedavg)",
+    clip_norm: float = _opt(1.0, "ℓ2 clipping norm (per example for dpsgd, per client update for dpfedavg, per "
+                            "example feature vector for feddm-dp)",
                             lo=0.0, lo_open=True)
     noise_multiplier: float = _opt(0.0, "fixed noise multiplier; 0 calibrates it from target-epsilon", lo=0.0)
     accountant: str = _opt("rdp", "privacy accountant (dp-accounting)", choices=ACCOUNTANTS)
@@ -103,6 +117,22 @@ class RunConfig:
     num_items: int = _opt(1000, "histogram: k, the number of items (top-k words)", lo=2)
     samples_per_user: int = _opt(64, "histogram: m, the samples each user holds", lo=1)
     users_per_client: int = _opt(1, "histogram: users per client (1: cross-device; more: cross-silo)", lo=1)
+    # FedDM (strategy = "feddm"; dp = "feddm-dp" for its DP variant)
+    feddm_images_per_class: int = _opt(10, "feddm: synthetic images per class a client learns and uploads", lo=1)
+    feddm_iterations: int = _opt(60, "feddm: distribution-matching steps per round (each with a fresh perturbation)",
+                                 lo=1)
+    feddm_lr: float = _opt(0.01, "feddm: learning rate of the synthetic images", lo=0.0, lo_open=True)
+    feddm_momentum: float = _opt(0.5, "feddm: SGD momentum of the synthetic images", lo=0.0, hi=1.0, hi_open=True)
+    feddm_optimizer: str = _opt("adam", "feddm: optimizer of the synthetic images (the paper: sgd, lr 1)",
+                                choices=("sgd", "adam"))
+    feddm_rho: float = _opt(5.0, "feddm: ℓ2 norm of the random perturbation of the global weights", lo=0.0)
+    feddm_real_batch: int = _opt(32, "feddm: real examples per class in each matching step (feddm-dp: all)", lo=1)
+    feddm_max_images: int = _opt(1000, "feddm: largest synthetic set the server accepts from one client", lo=1)
+    feddm_dp_releases: int = _opt(10, "feddm-dp: perturbations per round, each one Gaussian release of noised "
+                                  "per-class sums (the counts add one more)", lo=1)
+    server_epochs: int = _opt(30, "feddm: server epochs on the union of the synthetic sets each round", lo=1)
+    server_lr: float = _opt(0.01, "feddm: server SGD learning rate", lo=0.0, lo_open=True)
+    server_batch_size: int = _opt(64, "feddm: server batch size", lo=1)
     # outputs
     out: str = _opt("", "run directory (default runs/<experiment>-<UTC timestamp>)")
 
@@ -251,6 +281,22 @@ def cross_checks(cfg: RunConfig) -> list[str]:
     if (cfg.strategy == "histogram") != (cfg.dataset == "words"):
         errors.append(f"dataset: the histogram strategy runs on dataset 'words' and only there, got strategy="
                       f"{cfg.strategy!r} with dataset={cfg.dataset!r}")
+    if cfg.strategy == "feddm" and cfg.dp not in ("none", "feddm-dp"):
+        errors.append(f"dp: feddm uploads synthetic sets, not model updates; expected 'none' or 'feddm-dp', "
+                      f"got {cfg.dp!r}")
+    if cfg.strategy == "feddm" and cfg.model not in FEDDM_MODELS:
+        errors.append(f"model: feddm matches the penultimate features of {' or '.join(FEDDM_MODELS)}; expected one of "
+                      f"{', '.join(FEDDM_MODELS)}, got {cfg.model!r}")
+    if cfg.dp == "feddm-dp" and cfg.strategy != "feddm":
+        errors.append(f"dp: feddm-dp privatizes FedDM's matching statistics; expected strategy 'feddm', "
+                      f"got strategy={cfg.strategy!r}")
     if cfg.strategy == "histogram" and cfg.dp != "none":
         errors.append(f"dp: the histogram strategy adds its own noise; expected 'none', got {cfg.dp!r}")
+    if cfg.min_available_clients > cfg.num_clients:
+        errors.append(f"min-available-clients: expected at most num-clients={cfg.num_clients}, got "
+                      f"{cfg.min_available_clients}")
+    fault_total = cfg.fault_drop_rate + cfg.fault_crash_rate + cfg.fault_malformed_rate
+    if fault_total > 1.0:
+        errors.append(f"fault-drop-rate: drop, crash and malformed rates are shares of the same replies and must "
+                      f"add up to at most 1, got {fault_total:g}")
     return errors

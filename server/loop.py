@@ -10,6 +10,7 @@ row, a checkpoint, and progress events.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.progress import Reporter
 from server.rundir import RunDir
+from strategies.replies import check_payload, describe_schema_difference, reply_schema
 
 logger = logging.getLogger("fedpriv")
 
@@ -60,6 +62,29 @@ class RoundReplies:
     errors: list[str] = field(default_factory=list)  # client-side errors and timeouts
     rejected: list[str] = field(default_factory=list)  # malformed replies
     bytes_up: int = 0
+    error_reasons: list[str] = field(default_factory=list)  # the same, without the node id (for counting)
+    rejected_reasons: list[str] = field(default_factory=list)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def short_reason(reason: str, limit: int = 200) -> str:
+    """A client error's gist for counting: the exception message Flower wraps (``... Message: <text>``), else the
+    first line, without terminal colours, at most ``limit`` characters (worker ids and tracebacks vary)."""
+    text = _ANSI.sub("", reason).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    wrapped = [ln.split("Message:", 1)[1].strip(" '>") for ln in lines if "Message:" in ln]
+    line = (wrapped[-1] if wrapped and wrapped[-1] else lines[0]) if lines else "error without a reason"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def count_reasons(reasons: Iterable[str]) -> dict[str, int]:
+    """``{reason: how many}``, most frequent first (a round's ``rejected_reasons`` / ``failure_reasons``)."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def collect_replies(
@@ -84,23 +109,66 @@ def collect_replies(
     return replies, len(pending)
 
 
+def check_reply(
+    content: RecordDict, check: ReplyCheck | None, global_arrays: ArrayRecord, node: int,
+    list_metrics: frozenset[str] = frozenset(),
+) -> str | None:
+    """Why one reply must be rejected, or None: :func:`~strategies.replies.check_payload`, then ``check`` (the
+    strategy's ``validate_reply``). Never raises: a check that trips over a reply has found a malformed one."""
+    try:
+        reason = check_payload(content, list_metrics)
+        if reason is None and check is not None:
+            reason = check(content, global_arrays, node)
+    except Exception as exc:
+        reason = f"reply could not be checked: {type(exc).__name__}: {exc}"
+    return reason
+
+
 def sort_replies(
-    replies: Iterable[Message], missing: int, check: ReplyCheck | None, global_arrays: ArrayRecord, phase: str
+    replies: Iterable[Message], missing: int, check: ReplyCheck | None, global_arrays: ArrayRecord, phase: str,
+    list_metrics: Iterable[str] = (), consistent: bool = False,
 ) -> RoundReplies:
-    """Split replies into usable ones, client errors/timeouts, and rejected (malformed) ones; log reasons."""
+    """Split replies into usable ones, client errors/timeouts, and rejected (malformed) ones; log reasons.
+
+    This is where client replies are decoded (see :mod:`strategies.replies`): every reply passes
+    :func:`~strategies.replies.check_payload` (arrays decode to what they declare, finite values, numeric
+    metrics; lists only for ``list_metrics``), then ``check`` (the strategy's ``validate_reply``); with
+    ``consistent`` the usable replies must also share one :func:`~strategies.replies.reply_schema` (the
+    majority's; ties go to the earliest reply), as Flower's aggregation requires. Nothing here raises on a
+    malformed reply.
+    """
     out = RoundReplies()
+    allowed = frozenset(list_metrics)
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
             out.errors.append(f"node {node}: {msg.error.reason}")
+            out.error_reasons.append(short_reason(str(msg.error.reason)))
             continue
-        out.bytes_up += payload_bytes(msg.content)
-        reason = check(msg.content, global_arrays, node) if check is not None else None
+        try:
+            out.bytes_up += payload_bytes(msg.content)
+            reason = check_reply(msg.content, check, global_arrays, node, allowed)
+        except Exception as exc:  # e.g. values a protobuf cannot hold: it cannot have come over the wire
+            reason = f"reply does not serialize: {type(exc).__name__}: {exc}"
         if reason is not None:
             out.rejected.append(f"node {node}: {reason}")
+            out.rejected_reasons.append(reason)
             continue
         out.ok.append(msg)
+    if consistent and len(out.ok) > 1:
+        schemas = [reply_schema(m.content) for m in out.ok]
+        majority = max(schemas, key=lambda sc: (schemas.count(sc), -schemas.index(sc)))
+        kept = []
+        for msg, schema in zip(out.ok, schemas, strict=True):
+            if schema == majority:
+                kept.append(msg)
+                continue
+            reason = describe_schema_difference(schema, majority)
+            out.rejected.append(f"node {msg.metadata.src_node_id}: {reason}")
+            out.rejected_reasons.append(reason)
+        out.ok = kept
     out.errors.extend(["no reply before the round timeout"] * missing)
+    out.error_reasons.extend(["no reply before the round timeout"] * missing)
     for line in out.errors:
         logger.warning("%s: client failure: %s", phase, line)
     for line in out.rejected:
@@ -142,21 +210,29 @@ def run_rounds(
     reporter: Reporter,
     first_round: int = 1,
     round_metrics: Callable[[int], dict[str, Any]] | None = None,
+    min_available: int = 0,
+    node_wait_timeout: float = 120.0,
 ) -> tuple[ArrayRecord, list[dict[str, Any]], str | None]:
     """Run rounds ``first_round..num_rounds``; return the final arrays, the metrics rows written, and why the
     run stopped early (a strategy that configures no round and says ``stop_reason``, e.g. a privacy budget),
-    or None. ``round_metrics(round)`` adds keys to each round's row (e.g. ε so far).
+    or None. ``round_metrics(round)`` adds keys to each round's row (e.g. ε so far). With ``min_available``,
+    each round after the first waits up to ``node_wait_timeout`` seconds for that many connected nodes (a
+    SuperNode that died is not waited for forever).
 
     Raises
     ------
     RunFailed
-        When a round sent work to clients and none of them returned a usable reply.
+        When a round sent work to clients and none of them returned a usable reply, or fewer than
+        ``min_available`` nodes stayed connected.
     """
     check: ReplyCheck | None = getattr(strategy, "validate_reply", None)
+    list_metrics = frozenset(getattr(strategy, "list_metrics", ()))
     rows: list[dict[str, Any]] = []
     reporter.start(num_rounds, first_round)
     for server_round in range(first_round, num_rounds + 1):
         t0 = time.perf_counter()
+        if min_available and server_round > first_round:
+            wait_for_nodes(grid, min_available, node_wait_timeout)
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(run_config), grid))
         if not messages and (reason := getattr(strategy, "stop_reason", None)):
             logger.info("stopping before round %d: %s", server_round, reason)
@@ -166,7 +242,7 @@ def run_rounds(
         replies, missing = collect_replies(
             grid, messages, round_timeout, on_reply=lambda r=server_round: reporter.client_done(r)
         )
-        train = sort_replies(replies, missing, check, arrays, "train")
+        train = sort_replies(replies, missing, check, arrays, "train", list_metrics, consistent=True)
         if messages and not train.ok:
             first = (train.errors + train.rejected + ["unknown"])[0]
             raise RunFailed(f"round {server_round}: no client returned a usable update ({first})")
@@ -179,7 +255,7 @@ def run_rounds(
         if eval_messages:
             bytes_down += contents_bytes(m.content for m in eval_messages)
             ev_replies, ev_missing = collect_replies(grid, eval_messages, round_timeout)
-            evaluation = sort_replies(ev_replies, ev_missing, None, arrays, "evaluate")
+            evaluation = sort_replies(ev_replies, ev_missing, None, arrays, "evaluate", consistent=True)
             train.bytes_up += evaluation.bytes_up
             fed_metrics = strategy.aggregate_evaluate(server_round, evaluation.ok)
             if fed_metrics is not None:
@@ -196,6 +272,10 @@ def run_rounds(
             "rejected": len(train.rejected),
             "wall_s": round(time.perf_counter() - t0, 4),
         })
+        if train.error_reasons:
+            row["failure_reasons"] = count_reasons(train.error_reasons)
+        if train.rejected_reasons:
+            row["rejected_reasons"] = count_reasons(train.rejected_reasons)
         if train_metrics is not None:  # scalar training metrics; example counts are not averages worth keeping
             row.update({k.replace("-", "_"): v for k, v in train_metrics.items()
                         if k not in ROW_SKIP and isinstance(v, (int, float))})

@@ -9,7 +9,8 @@ from privacy.ledger import Ledger
 from server.config import RunConfig
 from server.rundir import RunDir
 
-PRIVACY_UNIT = {"dpsgd": "example", "dpfedavg": "user", "label-dp": "label", "histogram": "user"}
+PRIVACY_UNIT = {"dpsgd": "example", "dpfedavg": "user", "label-dp": "label", "histogram": "user",
+                "feddm-dp": "example"}
 
 
 def privacy_mode(cfg: RunConfig) -> str | None:

@@ -58,6 +58,27 @@ def simulation_data_source(context: Context, cfg: Mapping[str, Any]) -> ClientDa
     return partition_data(cfg, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]))
 
 
+# (image size, number of classes) of each image dataset, what a deployed node's own data must match.
+IMAGE_DATASETS = {"digits": (8, 10), "fashion-mnist": (28, 10)}
+
+
+def node_data_source(context: Context, cfg: Mapping[str, Any]) -> ClientData:
+    """Data source of any SuperNode: the files its ``data-path`` node config names (a deployed device, see
+    :mod:`client.local_data`), else its simulated partition (``partition-id`` / ``num-partitions``)."""
+    path = context.node_config.get("data-path")
+    if path is None:
+        return simulation_data_source(context, cfg)
+    from client.app import client_id
+    from client.local_data import LocalDataError, load_local_data
+
+    dataset = str(cfg["dataset"])
+    if dataset not in IMAGE_DATASETS:
+        raise LocalDataError(f"data-path {path}: deployed nodes hold image data; dataset {dataset!r} is not one "
+                             f"({', '.join(IMAGE_DATASETS)})")
+    size, classes = IMAGE_DATASETS[dataset]
+    return load_local_data(str(path), classes, size, client_id(context))
+
+
 def test_data(cfg: RunConfig) -> TestData | None:
     """The held-out test set of the configured dataset (None for the words population: nothing to test)."""
     if cfg.dataset == "words":
@@ -101,4 +122,4 @@ def setup_from_context(grid: Grid, context: Context) -> ServerSetup:
 
 
 server_app = build_server_app(setup_from_context)
-client_app = build_client_app(simulation_data_source)
+client_app = build_client_app(node_data_source)

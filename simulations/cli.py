@@ -1,4 +1,4 @@
-"""The ``fedpriv`` command: ``simulate``, ``experiments`` (and more as the product grows).
+"""The ``fedpriv`` command: ``simulate``, ``experiments``, ``audit``, ``certs``, ``deploy``.
 
 Exit codes: 0 when a run completed (or stopped cleanly on a privacy budget), 2 for usage and configuration
 errors (one line each, no traceback), 1 for a failed run.
@@ -70,6 +70,32 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("experiments", help="list bundled experiments")
     e.add_argument("--keys", action="store_true", help="list every config key with its type and default")
+
+    c = sub.add_parser("certs", help="make a CA, a SuperLink TLS certificate and SuperNode key pairs",
+                       description="Write ca.crt/ca.key, server.pem/server.key (SuperLink TLS, the given hosts as "
+                                   "subject alternative names) and nodes/node-<i>[.pub] (SuperNode authentication "
+                                   "keys, EC P-384, OpenSSH format) into DIR. See README 'Deploy to devices'.")
+    c.add_argument("dir", help="output directory")
+    c.add_argument("--hosts", nargs="+", default=None, metavar="HOST",
+                   help="addresses the SuperLink is reached at (default: 127.0.0.1 localhost)")
+    c.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to write (default 0)")
+    c.add_argument("--force", action="store_true", help="replace files already in DIR")
+
+    d = sub.add_parser("deploy", help="run an experiment on a real SuperLink and SuperNodes",
+                       description="Start a SuperLink and N SuperNodes on 127.0.0.1 with TLS and SuperNode "
+                                   "authentication, run the experiment through them with `flwr run`, collect the "
+                                   "run directory and stop everything started.")
+    d.add_argument("target", choices=["local"], help="where to deploy (local: this machine, loopback only)")
+    d.add_argument("experiment", nargs="?", default=None, help="bundled experiment name or .toml path")
+    d.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (one client each)")
+    d.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys")
+    d.add_argument("--out", default=None, help="run directory (default runs/<experiment>-<UTC timestamp>)")
+    d.add_argument("--seed", type=int, default=None, help="shorthand for --set seed=N")
+    d.add_argument("--insecure", action="store_true",
+                   help="no TLS and no SuperNode authentication (debugging only; prints a warning)")
+    d.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take (default 3600)")
+    d.add_argument("--keep", action="store_true", help="keep the node data files and Flower's app cache")
     return p
 
 
@@ -116,6 +142,82 @@ def _resolve_for_simulate(args: argparse.Namespace) -> tuple[Any, Path, bool]:
         raise UsageError(errors)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.experiment)
     return cfg, run_dir, False
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from simulations.certs import DEFAULT_HOSTS, check_hosts, make_certificates
+
+    hosts = list(args.hosts) if args.hosts else list(DEFAULT_HOSTS)
+    errors = check_hosts(hosts)
+    if args.nodes < 0:
+        errors.append(f"--nodes: expected a count >= 0, got {args.nodes}")
+    out = Path(args.dir)
+    if out.exists() and not out.is_dir():
+        errors.append(f"certs: {out} exists and is not a directory")
+    elif not args.force and (existing := [n for n in ("ca.crt", "server.pem", "nodes") if (out / n).exists()]):
+        errors.append(f"certs: {out} already holds {', '.join(existing)}; pass --force to replace them")
+    if errors:
+        raise UsageError(errors)
+    made = make_certificates(out, hosts, args.nodes)
+    print(f"fedpriv: CA {made.ca_cert} (keep {made.ca_key.name} off the devices)")
+    print(f"fedpriv: SuperLink certificate {made.server_cert} + {made.server_key.name} for {', '.join(hosts)}")
+    if made.nodes:
+        print(f"fedpriv: {len(made.nodes)} SuperNode key pairs in {made.nodes[0].private.parent} "
+              "(register the .pub files with `flwr supernode register`)")
+    return EXIT_OK
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from server.config import ConfigError
+    from server.progress import describe_final, human_bytes
+    from server.rundir import default_run_dir
+    from simulations.deploy import INSECURE_WARNING, DeployError, deploy_local
+    from simulations.experiments import resolve
+
+    if args.insecure:
+        print(f"fedpriv: {INSECURE_WARNING}", file=sys.stderr)
+    overrides, errors = parse_sets(args.sets)
+    if args.nodes < 1:
+        errors.append(f"--nodes: expected at least 1 SuperNode, got {args.nodes}")
+    if "num-clients" in overrides and str(overrides["num-clients"]) != str(args.nodes):
+        errors.append(f"num-clients: deploy runs one client per SuperNode; got num-clients={overrides['num-clients']}"
+                      f" with --nodes {args.nodes}")
+    if args.timeout <= 0:
+        errors.append(f"--timeout: expected seconds > 0, got {args.timeout:g}")
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    overrides["num-clients"] = max(args.nodes, 1)
+    if args.out:
+        overrides["out"] = args.out
+    try:
+        cfg = resolve(args.experiment, overrides)
+    except ConfigError as exc:
+        raise UsageError(errors + exc.errors) from None
+    if cfg.dataset == "words":
+        errors.append("dataset: deploy local gives each SuperNode an image data file; 'words' (histograms) is "
+                      "simulation-only")
+    if errors:
+        raise UsageError(errors)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.experiment)
+    mode = "insecure" if args.insecure else "TLS, SuperNode authentication"
+    print(f"fedpriv: deploying {cfg.experiment} on {args.nodes} local SuperNodes ({mode}) — {cfg.num_rounds} rounds, "
+          f"{cfg.strategy} on {cfg.dataset} → {run_dir}", flush=True)
+    try:
+        summary = deploy_local(cfg, run_dir, args.nodes, insecure=args.insecure, timeout=args.timeout,
+                               keep=args.keep, say=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(f"fedpriv: interrupted; every process started was stopped; what was recorded is in {run_dir}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    except DeployError as exc:
+        print(f"fedpriv: deploy failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    traffic = (f", {human_bytes(summary['total_bytes_up'])} up, {human_bytes(summary['total_bytes_down'])} down"
+               if "total_bytes_up" in summary else "")
+    print(f"fedpriv: {summary['stopped_reason']} after {summary['rounds_completed']} rounds in "
+          f"{summary['wall_s']:.1f}s — {describe_final(summary)}{traffic}")
+    print(f"fedpriv: run directory {run_dir}")
+    return EXIT_OK
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -165,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "audit":
             return audit(args.path, args.format, args.delta, args.budget, args.accountant, args.empirical,
                          args.confidence, args.trials, args.seed)
+        if args.command == "certs":
+            return cmd_certs(args)
+        if args.command == "deploy":
+            return cmd_deploy(args)
         return cmd_simulate(args)
     except (ConfigError, UsageError) as exc:
         for line in exc.errors:

@@ -33,7 +33,7 @@ NUM_CLASSES = {"digits": 10, "fashion-mnist": 10, "words": 0}
 def list_experiments() -> list[tuple[str, str]]:
     """(name, description) of every bundled experiment, sorted by name."""
     out = []
-    for path in sorted(EXPERIMENTS_DIR.glob("*.toml")):
+    for path in sorted(EXPERIMENTS_DIR.glob("*.toml"), key=lambda p: p.stem):  # by name: a-b before a-b-c
         with open(path, "rb") as f:
             out.append((path.stem, str(tomllib.load(f).get("description", ""))))
     return out
@@ -79,6 +79,10 @@ def data_checks(cfg: RunConfig) -> list[str]:
     if cfg.partition == "pathological" and cfg.classes_per_client > classes:
         errors.append(f"classes-per-client: expected at most {classes} (classes in {cfg.dataset}), "
                       f"got {cfg.classes_per_client}")
+    if cfg.strategy == "feddm" and cfg.feddm_max_images < cfg.feddm_images_per_class * classes:
+        errors.append(f"feddm-max-images: expected at least feddm-images-per-class × classes = "
+                      f"{cfg.feddm_images_per_class} × {classes} = {cfg.feddm_images_per_class * classes} (a client "
+                      f"holding every class uploads that many), got {cfg.feddm_max_images}")
     return errors
 
 

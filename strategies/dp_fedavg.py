@@ -59,5 +59,12 @@ class CentralDpFedAvg(StrategyWrapper):
         return self.strategy.aggregate_train(server_round, replies)
 
     def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord, node_id: int | None = None) -> str | None:
-        """FedAvg's update check (Flower's DP wrapper has none)."""
-        return self.fedavg.validate_reply(content, global_arrays, node_id)
+        """FedAvg's update check (Flower's DP wrapper has none), and the equal weight the noise is calibrated for:
+        ``unit-weight`` must be 1 (a larger weight would let one client outweigh the others)."""
+        reason = self.fedavg.validate_reply(content, global_arrays, node_id)
+        if reason is not None:
+            return reason
+        weight = next(iter(content.metric_records.values())).get(self.fedavg.weighted_by_key)
+        if self.fedavg.weighted_by_key == "unit-weight" and weight != 1:
+            return f"metric 'unit-weight': expected 1 (equal weights), got {weight!r}"
+        return None

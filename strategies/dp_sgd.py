@@ -100,6 +100,19 @@ class LocalDpSgd(StrategyWrapper):
             self._plans[node] = [PlannedRelease(node, (cid,), "example", self.round_event(n, sigma), "dpsgd")]
         return out
 
+    def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord, node_id: int | None = None) -> str | None:
+        """FedAvg's update check plus the DP-SGD bookkeeping: ``dp-steps`` a count, ``dp-client-epsilon`` ≥ 0."""
+        reason = self.strategy.validate_reply(content, global_arrays, node_id)
+        if reason is not None:
+            return reason
+        metrics = next(iter(content.metric_records.values()))
+        steps, eps = metrics.get("dp-steps", 0), metrics.get("dp-client-epsilon", 0.0)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            return f"metric 'dp-steps': expected a non-negative integer, got {steps!r}"
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0.0 <= eps < math.inf:
+            return f"metric 'dp-client-epsilon': expected a finite number >= 0, got {eps!r}"
+        return None
+
     def release_plan(self, server_round: int, messages: Iterable[Message]) -> list[PlannedRelease]:
         """The releases ``messages`` will cause (one per client: its DP-SGD steps of this round)."""
         return [p for m in messages for p in self._plans.get(m.metadata.dst_node_id, [])]

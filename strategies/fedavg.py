@@ -25,17 +25,21 @@ class FedAvg(FlowerFedAvg):
 
 def make_fedavg(
     num_clients: int, fraction_train: float = 1.0, fraction_evaluate: float = 0.0,
-    weighted_by_key: str = "num-examples",
+    weighted_by_key: str = "num-examples", min_available: int = 0,
 ) -> FedAvg:
-    """FedAvg sampling ``fraction_train`` of ``num_clients`` nodes, waiting until all have connected.
+    """FedAvg sampling ``fraction_train`` of the connected nodes, waiting until ``min_available`` (0: all
+    ``num_clients``) have connected.
 
-    ``weighted_by_key="unit-weight"`` averages with equal weights (what central DP's sensitivity needs).
+    ``weighted_by_key="unit-weight"`` averages with equal weights (what central DP's sensitivity needs). With
+    ``min_available`` below ``num_clients`` a round goes on without nodes that were lost (crashed devices);
+    the number sampled is at least ``fraction_train`` of ``min_available``.
     """
+    available = min_available or num_clients
     return FedAvg(
         weighted_by_key=weighted_by_key,
         fraction_train=fraction_train,
         fraction_evaluate=fraction_evaluate,
-        min_train_nodes=max(1, math.ceil(fraction_train * num_clients)),
-        min_evaluate_nodes=max(1, math.ceil(fraction_evaluate * num_clients)) if fraction_evaluate else 0,
-        min_available_nodes=num_clients,
+        min_train_nodes=max(1, math.ceil(fraction_train * available)),
+        min_evaluate_nodes=max(1, math.ceil(fraction_evaluate * available)) if fraction_evaluate else 0,
+        min_available_nodes=available,
     )

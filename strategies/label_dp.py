@@ -78,6 +78,8 @@ class LabelDpConsensus(StrategyWrapper):
         The initial model (for ``scratch``).
     """
 
+    list_metrics = frozenset({"label-counts"})  # the one list-valued metric a reply may carry (K counts)
+
     def __init__(
         self,
         strategy: Strategy,
@@ -171,6 +173,10 @@ class LabelDpConsensus(StrategyWrapper):
                 continue
             if not _count(value) or value > size:
                 return f"metric {key!r}: expected an integer in [0, data-size={size}], got {value!r}"
+        for key, bound in (("noisy-correct", "labelled-size"), ("kept-correct", "kept-size")):
+            value = metrics.get(key)  # simulation diagnostics, absent on deployed nodes
+            if value is not None and (not _count(value) or value > metrics.get(bound, -1)):
+                return f"metric {key!r}: expected an integer in [0, {bound}], got {value!r}"
         counts = metrics.get("label-counts")
         if not isinstance(counts, list) or len(counts) != self.num_classes:
             got = f"{len(counts)} entries" if isinstance(counts, list) else repr(counts)
