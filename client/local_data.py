@@ -16,16 +16,14 @@ wrong; the server receives it as the node's error reply.
 
 from __future__ import annotations
 
-import gzip
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from client.data import ClientData
+from client.data import ClientData, IdxError, read_idx
 
 IDX_NAMES = (("images.idx", "labels.idx"), ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"))
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 class LocalDataError(ValueError):
@@ -42,23 +40,10 @@ def write_npz(path: str | Path, x: np.ndarray, y: np.ndarray) -> Path:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise LocalDataError(f"data-path {path}: cannot read IDX file ({exc})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise LocalDataError(f"data-path {path}: not an IDX file (bad magic number)")
-    ndim = data[3]
-    if len(data) < 4 + 4 * ndim:
-        raise LocalDataError(f"data-path {path}: truncated IDX header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    values = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
-    if values.size != int(np.prod(shape)):
-        raise LocalDataError(f"data-path {path}: IDX header says shape {list(shape)} but the file holds "
-                             f"{values.size} values (truncated?)")
-    return values.reshape(shape)
+        return read_idx(path)
+    except IdxError as exc:
+        raise LocalDataError(f"data-path {exc}") from None
 
 
 def _find_idx(directory: Path) -> tuple[Path, Path]:

@@ -6,13 +6,14 @@ Debian package ``dataset-fashion-mnist`` under ``/usr/share/datasets/fashion-mni
 
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from client import data as client_data
 
 DATASET_NAMES = ("digits", "fashion-mnist")
 FASHION_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -80,25 +81,11 @@ def load_digits(test_fraction: float = 0.2) -> ImageDataset:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (gzip'd or plain) into a numpy array of its declared shape."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """Read one IDX file (gzip'd or plain) into a numpy array of its declared shape; raises :class:`DataError`."""
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{path} is not an IDX file (bad magic number)")
-    dtype_code, ndim = data[2], data[3]
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if dtype_code not in dtypes:
-        raise DataError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=header)
-    if array.size != int(np.prod(shape)):
-        raise DataError(f"{path}: header says shape {shape} but holds {array.size} values (truncated file?)")
-    return array.reshape(shape)
+        return client_data.read_idx(path)
+    except client_data.IdxError as exc:
+        raise DataError(str(exc)) from None
 
 
 def fashion_dir(data_dir: str = "") -> Path:
