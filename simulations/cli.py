@@ -169,7 +169,6 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from server.config import ConfigError
-    from server.progress import describe_final, human_bytes
     from server.rundir import default_run_dir
     from simulations.deploy import INSECURE_WARNING, DeployError, deploy_local
     from simulations.experiments import resolve
@@ -212,16 +211,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except DeployError as exc:
         print(f"fedpriv: deploy failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    _print_outcome(summary, run_dir)
+    return EXIT_OK
+
+
+def _print_outcome(summary: dict[str, Any], run_dir: Path) -> None:
+    """The last two lines of a finished run: why it stopped, the final figures and traffic, where it is."""
+    from server.progress import describe_final, human_bytes
+
     traffic = (f", {human_bytes(summary['total_bytes_up'])} up, {human_bytes(summary['total_bytes_down'])} down"
                if "total_bytes_up" in summary else "")
     print(f"fedpriv: {summary['stopped_reason']} after {summary['rounds_completed']} rounds in "
           f"{summary['wall_s']:.1f}s — {describe_final(summary)}{traffic}")
     print(f"fedpriv: run directory {run_dir}")
-    return EXIT_OK
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from server.progress import LogReporter, describe_final, human_bytes
+    from server.progress import LogReporter
     from simulations.runner import simulate
 
     cfg, run_dir, resume = _resolve_for_simulate(args)
@@ -244,11 +250,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"fedpriv: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"fedpriv: partial results in {run_dir}", file=sys.stderr)
         return EXIT_FAILED
-    traffic = (f", {human_bytes(summary['total_bytes_up'])} up, {human_bytes(summary['total_bytes_down'])} down"
-               if "total_bytes_up" in summary else "")
-    print(f"fedpriv: {summary['stopped_reason']} after {summary['rounds_completed']} rounds in "
-          f"{summary['wall_s']:.1f}s — {describe_final(summary)}{traffic}")
-    print(f"fedpriv: run directory {run_dir}")
+    _print_outcome(summary, run_dir)
     return EXIT_OK
 
 
