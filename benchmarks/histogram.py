@@ -3,7 +3,9 @@
 Users draw m samples from the top-k English word frequencies (wordfreq). For each seed a fresh population
 is drawn (vectorized path: count profiles), then every method releases an estimate from it with its own
 noise. Reports the mean ℓ1 error over the seeds, the non-private empirical error (the statistical floor:
-privacy error dominates where the baselines sit far above it), and the ratios baseline ÷ liu2020.
+privacy error dominates where the baselines sit far above it), and the ratios baseline ÷ liu2020. The goal is
+judged against the Gaussian baseline — the same (ε, δ) Gaussian noise, where the paper's √m claim lives — and
+the ratio to Laplace (pure ε, ℓ1-calibrated; the stronger baseline at k = 1000) is reported beside it.
 
     python benchmarks/histogram.py [--seeds 20] [--ms 1 16 64 256] [--epsilons 0.5 1 2] [--ns 1000 10000 100000]
 """
@@ -17,7 +19,10 @@ from typing import Any
 import numpy as np
 from _common import RESULTS, write_results
 
+from privacy.histogram import HistogramEstimator
+
 GOAL = {16: 2.0, 64: 4.0, 256: 8.0}  # at ε = 1, baseline ÷ liu2020
+DOMINATED = 3.0  # "privacy error dominates": the Gaussian baseline's error ≥ 3× the non-private floor
 
 
 def main() -> None:
@@ -30,7 +35,6 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=1e-6)
     args = ap.parse_args()
 
-    from privacy.histogram import HistogramEstimator
     from simulations.histogram_data import sample_profile, word_distribution
 
     _, p = word_distribution(args.k)
@@ -86,19 +90,28 @@ def main() -> None:
         table += (f"| {r['epsilon']:g} | {r['m']} | {r['n']} | {fmt(r['non_private'])} | {fmt(r['laplace'])} | "
                   f"{fmt(r['gaussian'])} | {fmt(r['liu2020'])} | {fmt(r.get('gaussian_over_liu'), 2)} | "
                   f"{fmt(r.get('best_baseline_over_liu'), 2)} |\n")
-    at1 = [r for r in rows if r["epsilon"] == 1.0 and r["m"] in GOAL]
-    if at1:
-        table += "\nAt ε = 1, best ratio over n (goal): " + ", ".join(
-            f"m={m}: Gaussian÷liu {max(r['gaussian_over_liu'] for r in at1 if r['m'] == m):.2f}, best baseline÷liu "
-            f"{max(r['best_baseline_over_liu'] for r in at1 if r['m'] == m):.2f} (goal {GOAL[m]:g})"
-            for m in sorted({r['m'] for r in at1})) + "."
+    at1 = [r for r in rows if r["epsilon"] == 1.0 and r["m"] in GOAL and r["gaussian"] >= DOMINATED * r["non_private"]]
+    verdicts = {}
+    for m in sorted({r["m"] for r in at1}):
+        best = max((r for r in at1 if r["m"] == m), key=lambda r: r["gaussian_over_liu"])
+        verdicts[m] = {"n": best["n"], "gaussian_over_liu": best["gaussian_over_liu"],
+                       "laplace_over_liu": best["laplace"] / best["liu2020"], "goal": GOAL[m],
+                       "met": best["gaussian_over_liu"] >= GOAL[m]}
+    if verdicts:
+        table += (f"\nAt ε = 1, where the Gaussian baseline is ≥ {DOMINATED:g}× the non-private floor, best n: "
+                  + ", ".join(
+            f"m={m} (n={v['n']}): Gaussian÷liu {v['gaussian_over_liu']:.2f} (goal {v['goal']:g}, "
+            f"{'met' if v['met'] else 'NOT met'}), Laplace÷liu {v['laplace_over_liu']:.2f}"
+            for m, v in verdicts.items()) + ".")
     if timing:
         table += (f" Vectorized path, n = {max(args.ns)}, m = {max(args.ms)}: population "
                   f"{timing['population_s']:.1f} s, liu2020 release {timing['liu2020_release_s']:.2f} s.\n")
     plot = RESULTS / "histogram.png"
     _plot(rows, args, plot)
     table += f"\n![ℓ1 error vs n](results/{plot.name})\n"
-    write_results("histogram", {"config": vars(args), "rows": rows, "timing": timing}, table)
+    config = vars(args) | {"liu2020": {"coarse_share": HistogramEstimator.coarse_share,
+                                       "coverage": HistogramEstimator.coverage}}
+    write_results("histogram", {"config": config, "rows": rows, "verdicts": verdicts, "timing": timing}, table)
     print(table)
 
 

@@ -742,13 +742,15 @@ def audit_histogram(
 ) -> MechanismAudit:
     """Audit the user-level DP histogram estimator (:class:`~privacy.histogram.HistogramEstimator`).
 
-    Neighbouring populations differ in ONE user's entire data: ``num_users − 1`` users drawn once from the
-    uniform distribution (``samples_per_user`` samples each), plus a user whose samples are all item 0 (D) or
-    all item 1 (D'). Each trial is a full release on the population's :class:`~privacy.histogram.CountProfile`;
-    the score is the estimated frequency of item 1 minus that of item 0. The threshold is chosen on half of
-    the trials. With ``num_items = 2`` (the default) this user's change attains the sensitivity of every method:
-    ‖ΔS‖₁ = 2 (laplace), ‖ΔS‖₂ = √2 (gaussian), and for liu2020's fine phase the clipped counts (U₀, L₁) vs
-    (L₀, U₁) move by the full interval widths, so ‖ΔT‖₂ = ‖w‖₂ = Δ₂.
+    Neighbouring populations differ in ONE user's entire data: ``num_users − 1`` users drawn once from
+    p ∝ (1, 2, …, k) (``samples_per_user`` samples each; not uniform, so that no item's Binomial(m − 1, p_j) has
+    two modes and liu2020's intervals do not flip between trials on coarse noise alone), plus a user whose
+    samples are all item 0 (D) or all item 1 (D'). Each trial is a full release on the population's
+    :class:`~privacy.histogram.CountProfile`; the score is the estimated frequency of item 1 minus that of
+    item 0. The threshold is chosen on half of the trials. With ``num_items = 2`` (the default) this user's
+    change attains the sensitivity of every method: ‖ΔS‖₁ = 2 (laplace), ‖ΔS‖₂ = √2 (gaussian), and for
+    liu2020's fine phase the clipped counts (U₀, L₁) vs (L₀, U₁) move by the full interval widths, so
+    ‖ΔT‖₂ = ‖w‖₂ = Δ₂ (the knapsack bound is larger here).
 
     Parameters
     ----------
@@ -770,7 +772,7 @@ def audit_histogram(
         k ≥ 2.
     accountant : {"rdp", "pld"}, default "rdp"
     **options
-        ``coarse_share`` and ``width`` of the estimator.
+        ``coarse_share`` and ``coverage`` of the estimator.
 
     Returns
     -------
@@ -786,7 +788,7 @@ def audit_histogram(
     n, gen, leak = _check_trials(trials), _check_rng(rng), _LEAK_FACTOR.get()
     accounted = accounting.epsilon(claimed.dp_events(), delta, accountant)
     run = dataclasses.replace(claimed, epsilon=float(claimed.epsilon) * leak)
-    others = gen.multinomial(m, np.full(k, 1.0 / k), size=n_users - 1)
+    others = gen.multinomial(m, np.arange(1, k + 1) / (k * (k + 1) / 2), size=n_users - 1)
     user = np.zeros((2, k), dtype=np.int64)
     user[0, 0] = user[1, 1] = m
     profiles = (CountProfile.from_user_counts(np.vstack([others, user[:1]])),

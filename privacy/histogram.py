@@ -21,23 +21,41 @@ S = Σ_u h_u. Replacing user u by u' changes S by h_u − h_u', two probability 
 on another). Laplace adds Lap(2/ε) per item (ε-DP, event ``LaplaceDpEvent(1/ε)``); Gaussian adds
 N(0, (σ√2)²) with σ calibrated so that ``GaussianDpEvent(σ)`` is (ε, δ)-DP. Neither error term shrinks with m.
 
-``liu2020`` — the Gaussian variant of Liu et al.'s two-phase construction implemented here (all users take part
-in both phases; the budget is split between them):
+``liu2020`` — a Gaussian two-phase variant of Liu et al.'s construction (all users take part in both phases;
+the budget is split between them):
 
 1. *Coarse*: the ``gaussian`` method with noise multiplier σ₁ gives p̃ (projected onto the simplex).
-2. *Fine*: for each item j an interval of counts [L_j, U_j] around m·p̃_j, of half-width
-   z·√(m·p⁺_j) + m·e with p⁺_j = p̃_j + e and e = 2σ₁√2/n (two standard deviations of the coarse error), so
-   that Binomial(m, p_j) falls inside with high probability. Each user contributes
-   g_u = clip(c_u, L, U) / m and the aggregate T = Σ_u g_u gets N(0, (σ₂Δ₂)²) noise per item.
-   Sensitivity: clipping is 1-Lipschitz per coordinate, so ‖g_u − g_u'‖₂ ≤ ‖c_u − c_u'‖₂/m ≤ √2; and each
-   coordinate moves by at most w_j = (U_j − L_j)/m, so ‖g_u − g_u'‖₂ ≤ ‖w‖₂. Hence
-   Δ₂ = min(√2, ‖w‖₂). With w_j ≈ 2z√(p_j/m), ‖w‖₂ ≈ 2z/√m: the privacy error is ~√m/(√2 z) smaller
-   than the Gaussian baseline's (the √m gain of the paper; L_j, U_j depend only on the private p̃, so using
-   them is post-processing).
+2. *Fine*: for each item j an interval of counts [L_j, U_j] (integers, width W_j = U_j − L_j ≥ 1) at the
+   most likely counts of Binomial(m − 1, p̃_j): grown from the mode, one count at a time towards the more
+   probable neighbour, until it holds ``coverage`` of the probability (``coverage = 0``: W_j = 1, the mode
+   alone). Each user contributes g_u = clip(c_u, L, U) / m, the aggregate T = Σ_u g_u gets N(0, (σ₂Δ₂)²) noise
+   per item. L, U depend only on the private p̃ (post-processing). When n is so small that p̃_j is off by
+   several counts / m (k = 1000, n = 1000 in the benchmark), the intervals miss the true counts and the fine
+   phase does worse than the baselines; its gain needs σ₁√2/n ≲ 1/m.
 3. *Debias*: under the model (every user's count of item j is Binomial(m, p_j)), E[g_uj] = G_j(p_j) with
-   G_j(p) = E[clip(X, L_j, U_j)]/m, X ~ Bin(m, p), strictly increasing in p; the estimate solves
-   G_j(p̂_j) = T̃_j/n by bisection, then is projected onto the simplex. Users whose data are not i.i.d.
-   from one p make the debiasing approximate (the privacy guarantee does not depend on it).
+   G_j(p) = E[clip(X, L_j, U_j)]/m, X ~ Bin(m, p), strictly increasing in p with slope
+   G_j'(p) = P(L_j ≤ Bin(m − 1, p) < U_j) (the interval's mass); the estimate solves G_j(p̂_j) = T̃_j/n by
+   bisection, then is projected onto the simplex. Users whose data are not i.i.d. from one p make the
+   debiasing approximate (the privacy guarantee does not depend on it).
+
+Sensitivity of the fine phase (:meth:`HistogramQuery.l2_sensitivity`). Write a_j = clip(c_j, L_j, U_j) − L_j,
+so g_u = (L + a_u)/m and g_u − g_u' = (a_u − a_u')/m. Three bounds, the smallest is used:
+
+- clipping is 1-Lipschitz per coordinate: ‖a_u − a_u'‖₂ ≤ ‖c_u − c_u'‖₂ ≤ √2·m;
+- each coordinate moves by at most W_j: ‖a_u − a_u'‖₂ ≤ ‖W‖₂;
+- a, a' ≥ 0, so ‖a − a'‖₂² ≤ ‖a‖₂² + ‖a'‖₂² ≤ 2M with M = max ‖a‖₂² over one user. A user with a_j > 0 holds
+  c_j ≥ L_j + a_j copies of item j and Σ_j c_j = m, so M ≤ max {Σ_j a_j² : 0 ≤ a_j ≤ W_j,
+  Σ_{a_j>0} (L_j + a_j) ≤ m}. Since a_j² ≤ (L_j + a_j)·W_j²/(L_j + W_j) for 0 ≤ a_j ≤ W_j, M is at most the
+  fractional knapsack of capacity m with item values W_j² and costs L_j + W_j (greedy by W_j²/(L_j + W_j)).
+
+With W_j = 1 every value/cost ratio is 1/(L_j + 1) ≤ 1, so M ≤ m and Δ₂ ≤ √(2/m): √m times below the
+baseline's √2 (the ℓ1 analogue, values W_j, gives :meth:`HistogramQuery.l1_sensitivity`). Privacy error of
+item j: σ₂Δ₂/(n·G_j'(p_j)); the mass G_j' is ≈ 1 for rare items (m·p_j ≪ 1, L_j = 0) and ≥ ~1/√(2πm·p_j) at
+the mode of frequent ones, so the ℓ1 privacy error is O(σ/n·(k/√m + √k)): for m ≤ k this is the Õ(k/(√m εα))
+privacy term of Liu et al.'s user complexity (their main upper bound, as stated in the abstract and §1), where the
+baselines pay O(σk/n). This is a variant, not the paper's exact algorithm (which clips to √(p/m)-scale
+intervals with logarithmic safety factors); our unit-width intervals plus debiasing have smaller constants at the
+k, m of ``benchmarks/histogram.py``. ``coverage`` trades sensitivity (wider intervals) for mass (steeper G_j).
 
 Accounting: two Gaussian mechanisms with noise multipliers σ₁, σ₂ compose (RDP, and exactly for GDP) like one
 with 1/σ² = 1/σ₁² + 1/σ₂²; σ is calibrated for (ε, δ) and split by ``coarse_share`` of 1/σ². The events are
@@ -55,6 +73,7 @@ from functools import lru_cache
 import dp_accounting
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import stats
 
 from privacy import accounting
 from privacy.mechanisms import GaussianMechanism, LaplaceMechanism, calibrate_gaussian
@@ -122,6 +141,37 @@ def _binomial_clip_mean(m: int, p: np.ndarray, lower: np.ndarray, upper: np.ndar
     return lower + np.sum(np.where(inside, np.clip(survival, 0.0, 1.0), 0.0), axis=1)
 
 
+def _knapsack_bound(values: np.ndarray, costs: np.ndarray, capacity: float) -> float:
+    """Fractional knapsack: max Σ θ_j·values_j subject to Σ θ_j·costs_j ≤ capacity, θ ∈ [0, 1]ᵏ (greedy by ratio)."""
+    order = np.argsort(-values / costs, kind="stable")
+    v, c = values[order], costs[order]
+    spent = np.cumsum(c)
+    full = int(np.searchsorted(spent, capacity, side="right"))  # items that fit whole
+    total = float(v[:full].sum())
+    if full < v.size:
+        total += float(v[full]) * (capacity - (float(spent[full - 1]) if full else 0.0)) / float(c[full])
+    return total
+
+
+def _likely_counts(m: int, p: np.ndarray, coverage: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, the integer interval [L, U) of the most likely values of Binomial(m − 1, p): the mode, grown one
+    count at a time towards the more probable neighbour until it holds ``coverage`` of the mass (≥ one count)."""
+    k, t = p.size, np.arange(m)
+    pmf = stats.binom.pmf(t[None, :], m - 1, np.clip(p, 0.0, 1.0)[:, None])  # (k, m); m = 1: all ones
+    rows = np.arange(k)
+    lo = hi = np.argmax(pmf, axis=1)
+    mass = pmf[rows, lo]
+    while (need := mass < coverage).any():
+        left = np.where(lo > 0, pmf[rows, np.maximum(lo - 1, 0)], -1.0)
+        right = np.where(hi < m - 1, pmf[rows, np.minimum(hi + 1, m - 1)], -1.0)
+        go_left, go_right = need & (left >= right) & (left >= 0), need & (right > left)
+        if not (go_left | go_right).any():
+            break
+        lo, hi = lo - go_left, hi + go_right
+        mass = mass + np.where(go_left, left, 0.0) + np.where(go_right, right, 0.0)
+    return lo.astype(np.int64), (hi + 1).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the per-user statistic
 # ---------------------------------------------------------------------------------------------------------
@@ -141,17 +191,25 @@ class HistogramQuery:
 
     @property
     def l1_sensitivity(self) -> float:
-        """Bound on ‖ΔS‖₁ when one user's data is replaced."""
+        """Bound on ‖ΔS‖₁ when one user's data is replaced (derivation in the module docstring)."""
         if self.kind == "frequency":
             return 2.0
-        return min(2.0, float(np.sum(self.upper - self.lower)) / self.m)  # type: ignore[operator]
+        lower, width = self._clip_geometry()
+        return min(2.0, float(width.sum()) / self.m, 2.0 * _knapsack_bound(width, lower + width, self.m) / self.m)
 
     @property
     def l2_sensitivity(self) -> float:
-        """Bound on ‖ΔS‖₂ when one user's data is replaced."""
+        """Bound on ‖ΔS‖₂ when one user's data is replaced (derivation in the module docstring)."""
         if self.kind == "frequency":
             return SQRT2
-        return min(SQRT2, float(np.linalg.norm(self.upper - self.lower)) / self.m)  # type: ignore[operator]
+        lower, width = self._clip_geometry()
+        knapsack = math.sqrt(2.0 * _knapsack_bound(width**2, lower + width, self.m))
+        return min(SQRT2, float(np.linalg.norm(width)) / self.m, knapsack / self.m)
+
+    def _clip_geometry(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.lower is not None and self.upper is not None
+        lower = self.lower.astype(np.float64)
+        return lower, self.upper.astype(np.float64) - lower
 
     def contribution(self, counts: np.ndarray) -> np.ndarray:
         """Sum over the users in ``counts`` (users × k) of their statistic; float64 length k."""
@@ -219,11 +277,11 @@ class HistogramEstimator:
     accountant : {"rdp", "pld"}
         Used to calibrate σ.
     coarse_share : float
-        liu2020: share of the 1/σ² budget spent on the coarse phase.
-    width : float
-        liu2020: z, the clipping half-width in binomial standard deviations. Small z gives a small
-        sensitivity; the debiasing step removes the clipping bias (z = 0.5 measured best in
-        ``benchmarks/histogram.py`` for k = 1000, m ≥ 64).
+        liu2020: share of the 1/σ² budget spent on the coarse phase (0.1 measured best among 0.05/0.1/0.2 in
+        ``benchmarks/histogram.py``'s setting).
+    coverage : float
+        liu2020: in [0, 1), the Binomial(m − 1, p̃_j) mass each clipping interval holds (at least one count).
+        0 (unit intervals at the mode) measured best among 0/0.3/0.5/0.7 for k = 1000 words, m ∈ {16, 64, 256}.
     """
 
     method: str
@@ -231,8 +289,8 @@ class HistogramEstimator:
     delta: float
     num_items: int
     accountant: str = "rdp"
-    coarse_share: float = 0.15
-    width: float = 0.5
+    coarse_share: float = 0.1
+    coverage: float = 0.0
 
     def __post_init__(self) -> None:
         errors = []
@@ -247,8 +305,8 @@ class HistogramEstimator:
             errors.append(f"num_items (k) must be an integer >= 2, got {self.num_items!r}")
         if not 0 < self.coarse_share < 1:
             errors.append(f"coarse_share must be in (0, 1), got {self.coarse_share!r}")
-        if not self.width > 0:
-            errors.append(f"width must be > 0, got {self.width!r}")
+        if not 0 <= self.coverage < 1:
+            errors.append(f"coverage must be in [0, 1), got {self.coverage!r}")
         if errors:
             raise ValueError("; ".join(errors))
         accounting._check_accountant(self.accountant)
@@ -278,12 +336,7 @@ class HistogramEstimator:
             return HistogramQuery("frequency", self.num_items)
         if self.method != "liu2020" or phase != 1 or coarse is None or num_users < 1 or m < 1:
             raise ValueError(f"{self.method} has no phase {phase} (or the coarse estimate, n or m is missing)")
-        sigma1 = self.noise_multipliers()[0]
-        err = 2.0 * sigma1 * SQRT2 / num_users
-        centre = m * coarse
-        half = self.width * np.sqrt(m * (coarse + err)) + m * err
-        lower = np.clip(np.floor(centre - half), 0, m - 1).astype(np.int64)
-        upper = np.clip(np.ceil(centre + half), lower + 1, m).astype(np.int64)
+        lower, upper = _likely_counts(m, np.asarray(coarse, dtype=np.float64), float(self.coverage))
         return HistogramQuery("clipped", self.num_items, m, lower, upper)
 
     def add_noise(self, phase: int, total: np.ndarray, query: HistogramQuery, rng: np.random.Generator) -> np.ndarray:
@@ -427,7 +480,7 @@ def estimate_distribution(
     method : {"liu2020", "gaussian", "laplace"}
     rng : numpy.random.Generator
     **options
-        ``accountant``, ``coarse_share``, ``width`` of :class:`HistogramEstimator`.
+        ``accountant``, ``coarse_share``, ``coverage`` of :class:`HistogramEstimator`.
 
     Returns
     -------

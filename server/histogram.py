@@ -45,15 +45,19 @@ def check_histogram_reply(query: HistogramQuery) -> Any:
     """A reply check for the round loop's ``sort_replies``: the node's sum must be possible for ``query``."""
 
     def check(content: RecordDict, _arrays: ArrayRecord, _node: int) -> str | None:
-        if "histogram" not in content.array_records or "metrics" not in content.metric_records:
-            return "expected an ArrayRecord 'histogram' and a MetricRecord 'metrics'"
+        if sorted(content.keys()) != ["histogram", "metrics"] or "histogram" not in content.array_records \
+                or "metrics" not in content.metric_records:
+            return (f"expected exactly an ArrayRecord 'histogram' and a MetricRecord 'metrics', got records "
+                    f"{sorted(content.keys())}")
         arrays = content.array_records["histogram"]
-        if "sum" not in arrays:
-            return "histogram: missing array 'sum'"
+        if list(arrays.keys()) != ["sum"]:
+            return f"histogram: expected exactly one array 'sum', got {sorted(arrays.keys())}"
         try:
             total = arrays["sum"].numpy()
         except Exception as exc:  # a payload that does not decode is malformed, whatever the reason
             return f"histogram: does not decode: {exc}"
+        if total.dtype != np.float64:
+            return f"histogram: expected float64 sums, got dtype {total.dtype}"
         return query.check_report(total, content.metric_records["metrics"].get("num-users"))
 
     return check

@@ -46,6 +46,52 @@ def test_replacing_a_user_moves_the_statistic_within_its_sensitivity(case) -> No
     assert np.linalg.norm(diff) <= query.l2_sensitivity + 1e-12
 
 
+def _all_users(k: int, m: int) -> np.ndarray:
+    """Every count vector of a user holding m samples over k items (all compositions of m into k parts)."""
+    if k == 1:
+        return np.array([[m]])
+    return np.vstack([np.hstack([np.full((len(rest), 1), first), rest])
+                      for first in range(m + 1) for rest in [_all_users(k - 1, m - first)]])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(2, 5), st.integers(1, 7), st.data())
+def test_clipped_sensitivity_bounds_the_worst_pair_of_users(k: int, m: int, data: st.DataObject) -> None:
+    """Oracle: the exact worst case over ALL pairs of users (exhaustive) never exceeds the stated bounds."""
+    lower = np.array(data.draw(st.lists(st.integers(0, m - 1), min_size=k, max_size=k)))
+    width = np.array(data.draw(st.lists(st.integers(1, m), min_size=k, max_size=k)))
+    query = HistogramQuery("clipped", k, m, lower, np.minimum(lower + width, m))
+    g = np.clip(_all_users(k, m), query.lower, query.upper) / m
+    diff = g[:, None, :] - g[None, :, :]
+    assert np.linalg.norm(diff, axis=2).max() <= query.l2_sensitivity + 1e-12
+    assert np.abs(diff).sum(axis=2).max() <= query.l1_sensitivity + 1e-12
+
+
+def test_unit_intervals_get_the_sqrt_m_sensitivity_and_it_is_attained() -> None:
+    # k = 10 items, m = 3, unit intervals at 0: users holding 3 distinct items each, disjoint, differ by √6/3 —
+    # below the per-coordinate bound √10/3 and the baseline's √2.
+    k, m = 10, 3
+    query = HistogramQuery("clipped", k, m, np.zeros(k, np.int64), np.ones(k, np.int64))
+    g = np.clip(_all_users(k, m), query.lower, query.upper) / m
+    worst = np.linalg.norm(g[:, None, :] - g[None, :, :], axis=2).max()
+    assert query.l2_sensitivity == pytest.approx(np.sqrt(2 * m) / m) == pytest.approx(worst)
+
+
+@pytest.mark.parametrize("coverage", [0.0, 0.3, 0.6, 0.9])
+def test_liu2020_intervals_hold_the_requested_binomial_mass(coverage: float) -> None:
+    from scipy import stats
+
+    m, coarse = 64, np.array([0.0, 1e-3, 0.02, 0.1, 0.5, 0.97])
+    query = HistogramEstimator("liu2020", 1.0, 1e-6, coarse.size, coverage=coverage).query(1, coarse, 100, m)
+    assert ((query.upper - query.lower >= 1) & (query.lower >= 0) & (query.upper <= m)).all()
+    mass = stats.binom.cdf(query.upper - 1, m - 1, coarse) - stats.binom.cdf(query.lower - 1, m - 1, coarse)
+    assert (mass >= coverage - 1e-12).all()
+    modes = np.argmax(stats.binom.pmf(np.arange(m)[None, :], m - 1, coarse[:, None]), axis=1)
+    assert ((query.lower <= modes) & (modes < query.upper)).all()
+    if coverage == 0.0:
+        assert (query.upper - query.lower == 1).all()
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(2, 30), st.integers(1, 50), st.integers(1, 60), st.sampled_from(METHODS),
        st.floats(0.05, 5.0), st.integers(0, 2**31))
