@@ -39,13 +39,21 @@ def _seed(cfg: Mapping[str, Any], context: Context) -> int:
     return int(cfg.get("seed", 0)) * 1_000_003 + int(pid) * 1009 + int(cfg.get("server-round", 0))
 
 
+def _with_node_overrides(cfg: dict[str, Any], context: Context) -> dict[str, Any]:
+    """A device's own copy of the LoRA base model (node config ``lora-base-path``) replaces the server's path;
+    the server's SHA-256 still has to match."""
+    if (path := context.node_config.get("lora-base-path")) is not None and str(path):
+        cfg["lora-base-path"] = str(path)
+    return cfg
+
+
 def local_fit(arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData, seed: int) -> RecordDict:
     """Train the received model on ``data`` for the configured local epochs; reply arrays and metrics."""
-    from models import TrainConfig, build_model, set_torch_threads, train
+    from client.model import client_model, reply_arrays
+    from models import TrainConfig, set_torch_threads, train
 
     set_torch_threads(int(float(cfg.get("client-cpus", 1.0))))
-    model = build_model(str(cfg["model"]), image_size=data.x.shape[-1], num_classes=data.num_classes)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model = client_model(arrays, cfg, data)  # for federated LoRA: the frozen base + the received adapters
     tcfg = TrainConfig(
         epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
         momentum=float(cfg["momentum"]), weight_decay=float(cfg["weight-decay"]), optimizer=str(cfg["optimizer"]),
@@ -53,15 +61,15 @@ def local_fit(arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData, see
     loss = train(model, data.x, data.y, tcfg, seed=seed)
     # unit-weight: an equal weight for aggregations that must not weight by data size (central DP).
     metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data.y), "unit-weight": 1})
-    return RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return RecordDict({"arrays": reply_arrays(model, cfg), "metrics": metrics})
 
 
 def local_evaluate(arrays: ArrayRecord, cfg: Mapping[str, Any], data: ClientData) -> RecordDict:
     """Evaluate the received model on the local data."""
-    from models import build_model, evaluate
+    from client.model import client_model
+    from models import evaluate
 
-    model = build_model(str(cfg["model"]), image_size=data.x.shape[-1], num_classes=data.num_classes)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model = client_model(arrays, cfg, data)
     loss, acc = evaluate(model, data.x, data.y)
     metrics = MetricRecord({"eval-loss": loss, "eval-accuracy": acc, "num-examples": len(data.y)})
     return RecordDict({"metrics": metrics})
@@ -79,7 +87,7 @@ def build_client_app(data_source: DataSource) -> ClientApp:
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        cfg = dict(msg.content["config"])
+        cfg = _with_node_overrides(dict(msg.content["config"]), context)
         fault = None
         if faults_enabled(cfg):  # testing fault tolerance: see client.faults
             who, server_round = _fault_client(context), int(cfg.get("server-round", 0))
@@ -133,7 +141,7 @@ def build_client_app(data_source: DataSource) -> ClientApp:
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        cfg = dict(msg.content["config"])
+        cfg = _with_node_overrides(dict(msg.content["config"]), context)
         data = data_source(context, cfg)
         return Message(content=local_evaluate(msg.content["arrays"], cfg, data), reply_to=msg)
 

@@ -62,8 +62,9 @@ def dpsgd_fit(
     from opacus.validators import ModuleValidator
     from torch.utils.data import DataLoader, TensorDataset
 
+    from client.model import client_model, reply_arrays
     from client.per_sample import dp_sgd_step, per_example_gradients
-    from models import TrainConfig, build_model, set_torch_threads
+    from models import TrainConfig, set_torch_threads
     from models.training import make_optimizer
 
     set_torch_threads(int(float(cfg.get("client-cpus", 1.0))))
@@ -79,8 +80,7 @@ def dpsgd_fit(
         else:
             gen.manual_seed(seed + offset)
 
-    model = build_model(str(cfg["model"]), image_size=data.x.shape[-1], num_classes=data.num_classes)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model = client_model(arrays, cfg, data)  # for federated LoRA: the frozen base + the received adapters
     ModuleValidator.validate(model, strict=True)  # no BatchNorm or other layers that mix examples
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                        weight_decay=float(cfg["weight-decay"]), optimizer=str(cfg["optimizer"]))
@@ -133,5 +133,4 @@ def dpsgd_fit(
         "dp-client-epsilon": float(accountant.get_epsilon(delta, alphas=CHECK_ORDERS)),
     })
     plain = model._module if mode == "hooks" else model
-    state_dict = {k: v.detach() for k, v in plain.state_dict().items()}
-    return RecordDict({"arrays": ArrayRecord(state_dict), "metrics": metrics})
+    return RecordDict({"arrays": reply_arrays(plain, cfg), "metrics": metrics})

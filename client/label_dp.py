@@ -15,6 +15,20 @@ is privatized the first time the server announces stage s (RR for s = 1 and for 
 with the received global model's softmax as prior for s > 1). Each label goes through exactly one ε-DP
 mechanism, so by parallel composition the client's labels are ε-label-DP however many rounds run.
 
+The prior (``label-prior = denoised``, the default): a model trained on RR labels estimates the distribution
+of the *released* label, q = Mᵀp, which at ε = 1 and K = 10 is nearly flat (every entry in [0.085, 0.232]), so
+RRWithPrior would pick k* ≈ K and gain nothing over RR. Ghazi et al.'s prior is P(true label | x); inverting
+RR's transition matrix (:meth:`privacy.mechanisms.RandomizedResponse.denoise`) estimates it from q. Exact when
+the prior model saw only RR labels (stage 2 of the default 2 stages); for stages ≥ 3 its training set also
+holds RRWithPrior labels and the inversion is an approximation — any prior keeps the ε guarantee, since it does
+not depend on the labels being privatized. ``softmax`` uses q as is.
+
+Local work (``label-matched-steps``, default true): every round a client takes the SGD steps of
+``local-epochs`` passes over all its data, whatever subset it trains on — 1/(labelled share) passes over the
+labelled part in rr-prior's early stages, 1/(kept share) passes over the kept set in retraining (about 5 at
+ε = 1, where consensus keeps ~20 %) — so retraining rounds cost what noisy rounds cost, and comparisons at equal
+rounds are at equal computation.
+
 Randomness: in simulation (``partition-id`` in the node config) the RR draws are seeded from the run seed and
 the partition, so runs are reproducible; a deployed SuperNode draws them from the OS entropy pool, because a
 seed the server can guess would let it undo the noise. The true-label diagnostics (noisy-label accuracy,
@@ -53,6 +67,10 @@ def _model(cfg: Mapping[str, Any], data: ClientData, arrays: ArrayRecord) -> Any
     return model
 
 
+def _flag(value: object) -> bool:
+    return value is True or str(value).lower() == "true"
+
+
 def privatize_stages(
     values: dict[str, np.ndarray], upto: int, cfg: Mapping[str, Any], data: ClientData, arrays: ArrayRecord,
     rng: np.random.Generator,
@@ -71,6 +89,8 @@ def privatize_stages(
             values["noisy"][idx] = RandomizedResponse(eps, k).apply(data.y[idx], rng)
         else:
             prior = predict_proba(_model(cfg, data, arrays), data.x[idx])
+            if str(cfg.get("label-prior", "denoised")) == "denoised":
+                prior = RandomizedResponse(eps, k).denoise(prior)
             prior /= prior.sum(axis=1, keepdims=True)
             values["noisy"][idx] = RRWithPrior(eps, k).apply(data.y[idx], prior, rng)
 
@@ -123,8 +143,11 @@ def label_dp_fit(
     _save(state, values)
 
     model = _model(cfg, data, arrays)
+    epochs = int(cfg["local-epochs"])
+    if _flag(cfg.get("label-matched-steps", False)):  # as many SGD steps as local-epochs passes over all the data
+        epochs *= max(1, round(n / int(use.sum())))
     tcfg = TrainConfig(
-        epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
+        epochs=epochs, batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
         momentum=float(cfg["momentum"]), weight_decay=float(cfg["weight-decay"]), optimizer=str(cfg["optimizer"]),
     )
     x, noisy = data.x[use], values["noisy"][use]

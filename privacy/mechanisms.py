@@ -338,6 +338,36 @@ class RandomizedResponse:
         np.fill_diagonal(matrix, keep)
         return matrix
 
+    def denoise(self, noisy_proba: ArrayLike) -> np.ndarray:
+        """Estimate P(true label | x) from P(released label | x) by inverting the transition matrix.
+
+        A model trained with cross-entropy on RR labels estimates q = Mᵀp, the distribution of the *released*
+        label (for K = 10 at ε = 1 every q_c lies in [0.085, 0.232]). With keep probability a and flip
+        probability b = (1 − a)/(K − 1) per other class, Mᵀp = (a − b)p + b, so p = (q − b)/(a − b); estimation
+        error can push entries below 0, which are clipped before each row is renormalized. Post-processing:
+        no privacy cost, and it uses only the mechanism's public parameters.
+
+        Parameters
+        ----------
+        noisy_proba : array_like of float
+            Shape (n, K) or (K,), rows of non-negative probabilities.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 array of the same shape, rows summing to 1 (uniform where every entry was clipped).
+        """
+        q = np.asarray(noisy_proba, dtype=np.float64)
+        if q.shape[-1:] != (self.num_classes,) or q.ndim not in (1, 2):
+            raise ValueError(f"noisy_proba must have shape (K,) or (n, K) with K={self.num_classes}, got {q.shape}")
+        if not np.all(np.isfinite(q)) or np.any(q < 0):
+            raise ValueError("noisy_proba must be finite and non-negative")
+        keep = self.keep_probability
+        flip = (1.0 - keep) / (self.num_classes - 1)
+        p = np.clip((q - flip) / (keep - flip), 0.0, None)
+        total = p.sum(axis=-1, keepdims=True)
+        return np.where(total > 0, p / np.where(total > 0, total, 1.0), 1.0 / self.num_classes)
+
     def apply(self, labels: ArrayLike, rng: np.random.Generator) -> np.ndarray:
         """Privatize integer labels independently.
 

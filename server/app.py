@@ -26,6 +26,7 @@ from privacy.mechanisms import calibrate_gaussian
 from server.config import RunConfig
 from server.histogram import run_histogram
 from server.loop import RunFailed, run_rounds, wait_for_nodes
+from server.lora import LoraBase, initial_adapters, lora_model, prepare_base
 from server.privacy import PRIVACY_UNIT, open_ledger, privacy_epsilons, privacy_mode, privacy_summary
 from server.rundir import RunDir
 from server.setup import ServerSetup, TestData
@@ -111,9 +112,23 @@ def _make_feddm(cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...] |
     )
 
 
-def make_central_eval(cfg: RunConfig, test: TestData) -> Callable[[ArrayRecord], tuple[float, float]]:
-    """Evaluate an ArrayRecord of the configured model on the held-out test set."""
+def make_central_eval(
+    cfg: RunConfig, test: TestData, lora: LoraBase | None = None
+) -> Callable[[ArrayRecord], tuple[float, float]]:
+    """Evaluate an ArrayRecord of the configured model on the held-out test set (for federated LoRA: the
+    adapters, on the frozen base)."""
     from models import build_model, evaluate
+
+    if lora is not None:
+        from kernels.lora import load_lora_state_dict
+
+        adapted = lora_model(cfg, lora, test)
+
+        def lora_eval(arrays: ArrayRecord) -> tuple[float, float]:
+            load_lora_state_dict(adapted, arrays.to_torch_state_dict())
+            return evaluate(adapted, test.x, test.y)
+
+        return lora_eval
 
     model = build_model(cfg.model, image_size=test.x.shape[-1], num_classes=test.num_classes)
 
@@ -124,10 +139,12 @@ def make_central_eval(cfg: RunConfig, test: TestData) -> Callable[[ArrayRecord],
     return central_eval
 
 
-def initial_arrays(cfg: RunConfig, test: TestData) -> ArrayRecord:
-    """The seeded initial global model."""
+def initial_arrays(cfg: RunConfig, test: TestData, lora: LoraBase | None = None) -> ArrayRecord:
+    """The seeded initial global model (for federated LoRA: the initial adapters)."""
     from models import build_model
 
+    if lora is not None:
+        return initial_adapters(cfg, lora, test)
     model = build_model(cfg.model, image_size=test.x.shape[-1], num_classes=test.num_classes, seed=cfg.seed)
     return ArrayRecord(model.state_dict())
 
@@ -140,16 +157,20 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
     """
     cfg, run_dir = setup.config, RunDir(setup.run_dir)
     random.seed(cfg.seed)  # Flower's node sampling uses the `random` module
-    central_eval = make_central_eval(cfg, setup.test_data)
+    lora = None
+    if cfg.lora_rank > 0:  # federated LoRA: pretrain the frozen base on the public split; adapters travel
+        lora = prepare_base(cfg, setup.public_data, setup.test_data, run_dir.path, setup.resume)
+    central_eval = make_central_eval(cfg, setup.test_data, lora)
     ledger, run_id = open_ledger(cfg, run_dir)
-    strategy = make_strategy(cfg, ledger, run_id, initial_arrays(cfg, setup.test_data), setup.test_data.num_classes,
-                             tuple(setup.test_data.x.shape[1:]))
+    strategy = make_strategy(cfg, ledger, run_id, initial_arrays(cfg, setup.test_data, lora),
+                             setup.test_data.num_classes, tuple(setup.test_data.x.shape[1:]))
+    run_config = cfg.to_dict() | (lora.config_entries() if lora is not None else {})
 
     def epsilon_so_far(_round: int) -> dict[str, Any]:
         eps = privacy_epsilons(cfg, ledger, run_id) if ledger is not None else {}
         return {"epsilon": max(eps.values(), default=0.0)}
 
-    first_round, arrays = 1, initial_arrays(cfg, setup.test_data)
+    first_round, arrays = 1, initial_arrays(cfg, setup.test_data, lora)
     previous: list[dict[str, Any]] = []
     if setup.resume and (ckpt := run_dir.load_checkpoint()) is not None:
         done, saved, _ = ckpt
@@ -174,7 +195,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
             min_available = cfg.min_available_clients or cfg.num_clients
             wait_for_nodes(grid, min_available, cfg.node_wait_timeout)
             _, rows, early = run_rounds(
-                grid, strategy, arrays, cfg.to_dict(), num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout,
+                grid, strategy, arrays, run_config, num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout,
                 central_eval=central_eval, run_dir=run_dir, reporter=setup.reporter, first_round=first_round,
                 round_metrics=epsilon_so_far if ledger is not None else None, min_available=min_available,
                 node_wait_timeout=cfg.node_wait_timeout,
@@ -191,6 +212,8 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
         setup.summary = summarize(cfg, all_rows, stopped, time.perf_counter() - t0)
         if (phases := getattr(strategy, "phase_summary", None)) is not None:
             setup.summary["phases"] = phases(all_rows)
+        if lora is not None:
+            setup.summary["lora"] = lora_summary(lora, all_rows)
         if ledger is not None:
             setup.summary["privacy"] = privacy_summary(cfg, ledger, run_id, getattr(strategy, "excluded", []))
             ledger.close()
@@ -224,6 +247,13 @@ def summarize(cfg: RunConfig, rows: list[dict[str, Any]], stopped: str, wall_s: 
         # Privacy summary per privacy unit; this strategy makes no differentially private release.
         "privacy": {"differentially_private": False, "units": {}},
     }
+
+
+def lora_summary(lora: LoraBase, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's ``lora`` section: the base, the adapter size, and the bytes one client sent per round."""
+    replies = sum(r["clients"] for r in rows)
+    return {**lora.info, "base_path": str(lora.path),
+            "mean_bytes_up_per_client_round": sum(r["bytes_up"] for r in rows) / replies if replies else None}
 
 
 def _sum_reasons(rows: list[dict[str, Any]], key: str) -> dict[str, int]:

@@ -19,13 +19,14 @@ DATASETS = ("digits", "fashion-mnist", "words")
 HISTOGRAM_METHODS = ("liu2020", "gaussian", "laplace")
 MODELS = ("mlp", "cnn", "vit", "vit-laser")
 PARTITIONS = ("iid", "dirichlet", "pathological")
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lora-rite")
 DP_MODES = ("none", "dpsgd", "dpfedavg", "feddm-dp")
 ACCOUNTANTS = ("rdp", "pld")
 GRAD_SAMPLE_MODES = ("layers", "vmap", "hooks")
 BUDGET_SCOPES = ("run", "ledger")
 LABEL_MECHANISMS = ("rr", "rr-prior")
 RETRAIN_MODES = ("continue", "scratch")
+LABEL_PRIORS = ("denoised", "softmax")
 FEDDM_MODELS = ("mlp", "cnn")  # networks client.feddm splits into features + linear head
 
 
@@ -84,8 +85,21 @@ class RunConfig:
     lr: float = _opt(0.05, "local learning rate", lo=0.0, lo_open=True)
     momentum: float = _opt(0.9, "SGD momentum", lo=0.0, hi=1.0, hi_open=True)
     weight_decay: float = _opt(0.0, "weight decay", lo=0.0)
-    optimizer: str = _opt("sgd", "local optimizer", choices=OPTIMIZERS)
+    optimizer: str = _opt("sgd", "local optimizer (lora-rite: LoRA-RITE over the adapter pairs, needs lora-rank > 0)",
+                          choices=OPTIMIZERS)
     seed: int = _opt(0, "seed of partitions, initial model, client sampling and local shuffling")
+    # federated LoRA (lora-rank > 0, strategy = "fedavg"): a base model pretrained by the server on a public split
+    # is frozen everywhere; clients train and send only the LoRA adapters of its Linear layers
+    lora_rank: int = _opt(0, "federated LoRA: adapter rank r (0: no LoRA, the whole model is federated)", lo=0)
+    lora_alpha: float = _opt(0.0, "federated LoRA: the update B·A is scaled by lora-alpha / r (0: lora-alpha = r)",
+                             lo=0.0)
+    lora_public_classes: int = _opt(5, "federated LoRA: the server's public split holds classes 0 .. K-1 only", lo=1)
+    lora_public_fraction: float = _opt(0.5, "federated LoRA: share of each public class's training examples held "
+                                       "by the server (the clients never get them)", lo=0.0, hi=1.0, lo_open=True)
+    lora_pretrain_epochs: int = _opt(3, "federated LoRA: server epochs of the base model on the public split "
+                                     "(AdamW, server-batch-size)", lo=1)
+    lora_pretrain_lr: float = _opt(1e-3, "federated LoRA: AdamW learning rate of the base pretraining", lo=0.0,
+                                   lo_open=True)
     # differential privacy
     dp: str = _opt("none", "privacy mechanism: client DP-SGD (Opacus), central DP-FedAvg, or DP FedDM (strategy "
                    "feddm)", choices=DP_MODES)
@@ -111,6 +125,12 @@ class RunConfig:
     retrain: str = _opt("continue", "label-dp: retrain from the noisy-phase model or from the initial one",
                         choices=RETRAIN_MODES)
     retrain_rounds: int = _opt(3, "label-dp: rounds of retraining on the kept samples (within num-rounds)", lo=1)
+    label_prior: str = _opt("denoised", "rr-prior: prior of stages >= 2, the global model's softmax with RR's "
+                            "transition matrix inverted (estimates P(true label | x)) or the raw softmax "
+                            "(P(RR label | x))", choices=LABEL_PRIORS)
+    label_matched_steps: bool = _opt(True, "label-dp: every round each client takes the SGD steps of local-epochs "
+                                     "passes over all its data, whatever subset it trains on (rr-prior's first "
+                                     "stages, the kept set); false: local-epochs passes over the subset")
     # user-level DP histograms (strategy = "histogram", dataset = "words")
     histogram_method: str = _opt("liu2020", "user-level DP histogram mechanism (ε, δ: target-epsilon, target-delta)",
                                  choices=HISTOGRAM_METHODS)
@@ -132,7 +152,8 @@ class RunConfig:
                                   "per-class sums (the counts add one more)", lo=1)
     server_epochs: int = _opt(30, "feddm: server epochs on the union of the synthetic sets each round", lo=1)
     server_lr: float = _opt(0.01, "feddm: server SGD learning rate", lo=0.0, lo_open=True)
-    server_batch_size: int = _opt(64, "feddm: server batch size", lo=1)
+    server_batch_size: int = _opt(64, "server-side training batch size (feddm's server epochs, the LoRA base "
+                                  "pretraining)", lo=1)
     # outputs
     out: str = _opt("", "run directory (default runs/<experiment>-<UTC timestamp>)")
 
@@ -295,6 +316,12 @@ def cross_checks(cfg: RunConfig) -> list[str]:
     if cfg.min_available_clients > cfg.num_clients:
         errors.append(f"min-available-clients: expected at most num-clients={cfg.num_clients}, got "
                       f"{cfg.min_available_clients}")
+    if cfg.optimizer == "lora-rite" and cfg.lora_rank == 0:
+        errors.append("optimizer: lora-rite optimizes LoRA adapter pairs; expected lora-rank > 0 with it, got "
+                      "lora-rank=0")
+    if cfg.lora_rank > 0 and (cfg.strategy != "fedavg" or cfg.dp not in ("none", "dpsgd", "dpfedavg")):
+        errors.append(f"lora-rank: federated LoRA runs with strategy 'fedavg' and dp none, dpsgd or dpfedavg; "
+                      f"expected lora-rank=0 with strategy={cfg.strategy!r}, dp={cfg.dp!r}, got {cfg.lora_rank}")
     fault_total = cfg.fault_drop_rate + cfg.fault_crash_rate + cfg.fault_malformed_rate
     if fault_total > 1.0:
         errors.append(f"fault-drop-rate: drop, crash and malformed rates are shares of the same replies and must "

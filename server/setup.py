@@ -28,6 +28,7 @@ class ServerSetup:
     config: RunConfig
     test_data: TestData | None  # None for jobs without a model (histograms)
     run_dir: Path
+    public_data: TestData | None = None  # federated LoRA: the server's public split the base is pretrained on
     reporter: Reporter = field(default_factory=LogReporter)
     resume: bool = False
     summary: dict[str, Any] = field(default_factory=dict)  # filled in by the run

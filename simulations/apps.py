@@ -26,20 +26,46 @@ from simulations.partition import partition_indices
 _CLIENT_CACHE: dict[tuple[Any, ...], ClientData] = {}
 
 
+LORA_SPLIT_KEYS = ("lora-rank", "lora-public-classes", "lora-public-fraction")
+
+
+def lora_split(y_train: np.ndarray, cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Federated LoRA's split of the training set: (public, private) indices, both sorted.
+
+    Public (the server's, for pretraining the base): a ``lora-public-fraction`` share of the examples of each
+    class 0 .. ``lora-public-classes``−1, drawn with the run seed. Private (partitioned over the clients):
+    everything else — the remaining examples of those classes and all examples of the other classes.
+    """
+    rng = np.random.default_rng([int(cfg["seed"]), 0x10AA])
+    public = []
+    for c in range(int(cfg["lora-public-classes"])):
+        idx = np.flatnonzero(y_train == c)
+        take = round(float(cfg["lora-public-fraction"]) * len(idx))
+        public.append(rng.permutation(idx)[:take])
+    pub = np.sort(np.concatenate(public)) if public else np.zeros(0, dtype=np.int64)
+    return pub, np.setdiff1d(np.arange(len(y_train)), pub)
+
+
 def partition_data(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> ClientData:
-    """The training partition ``partition_id`` of the configured dataset (cached per process)."""
+    """The training partition ``partition_id`` of the configured dataset (cached per process).
+
+    With federated LoRA (``lora-rank`` > 0) only the private examples are partitioned (see :func:`lora_split`).
+    """
     spec = ("dataset", "data-dir", "test-fraction", "partition", "dirichlet-alpha", "classes-per-client", "seed")
-    key = (*(cfg[k] for k in spec), partition_id, num_partitions)
+    lora = int(cfg.get("lora-rank", 0) or 0) > 0
+    key = (*(cfg[k] for k in spec), *((cfg[k] for k in LORA_SPLIT_KEYS) if lora else ()), partition_id,
+           num_partitions)
     if cfg["dataset"] == "words":
         return word_users(cfg, partition_id)
     if key not in _CLIENT_CACHE:
         ds = load_dataset(str(cfg["dataset"]), data_dir=str(cfg["data-dir"]),
                           test_fraction=float(cfg["test-fraction"]))
+        pool = lora_split(ds.y_train, cfg)[1] if lora else np.arange(len(ds.y_train))
         parts = partition_indices(
-            ds.y_train, num_partitions, str(cfg["partition"]), alpha=float(cfg["dirichlet-alpha"]),
+            ds.y_train[pool], num_partitions, str(cfg["partition"]), alpha=float(cfg["dirichlet-alpha"]),
             classes_per_client=int(cfg["classes-per-client"]), seed=int(cfg["seed"]),
         )
-        idx = parts[partition_id]
+        idx = pool[parts[partition_id]]
         _CLIENT_CACHE[key] = ClientData(ds.x_train[idx], ds.y_train[idx], ds.num_classes, str(partition_id))
     return _CLIENT_CACHE[key]
 
@@ -87,9 +113,20 @@ def test_data(cfg: RunConfig) -> TestData | None:
     return TestData(ds.x_test, ds.y_test, ds.num_classes)
 
 
+def public_data(cfg: RunConfig) -> TestData | None:
+    """Federated LoRA: the server's public split of the training set (see :func:`lora_split`), else None."""
+    if cfg.lora_rank == 0 or cfg.dataset == "words":
+        return None
+    ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, test_fraction=cfg.test_fraction)
+    pub, _ = lora_split(ds.y_train, cfg.to_dict())
+    return TestData(ds.x_train[pub], ds.y_train[pub], ds.num_classes)
+
+
 def server_setup(cfg: RunConfig, run_dir: Path, **kwargs: Any) -> ServerSetup:
-    """The ServerSetup of a simulated run: test data, or for the words population its true distribution."""
-    setup = ServerSetup(config=cfg, test_data=test_data(cfg), run_dir=run_dir, **kwargs)
+    """The ServerSetup of a simulated run: test data (and for federated LoRA the public split), or for the words
+    population its true distribution."""
+    setup = ServerSetup(config=cfg, test_data=test_data(cfg), run_dir=run_dir, public_data=public_data(cfg),
+                        **kwargs)
     if cfg.dataset == "words":
         from simulations.histogram_data import word_distribution
 

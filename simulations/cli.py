@@ -221,6 +221,13 @@ def _print_outcome(summary: dict[str, Any], run_dir: Path) -> None:
 
     traffic = (f", {human_bytes(summary['total_bytes_up'])} up, {human_bytes(summary['total_bytes_down'])} down"
                if "total_bytes_up" in summary else "")
+    if (lora := summary.get("lora")) is not None:
+        per_reply = lora.get("mean_bytes_up_per_client_round")
+        print(f"fedpriv: federated LoRA: {lora['adapter_params']:,} adapter parameters travel "
+              f"({100 * lora['adapter_share']:.1f}% of the {lora['base_params']:,}-parameter model)"
+              + (f", {human_bytes(per_reply)} per client reply" if per_reply else "")
+              + f"; base pretrained on {lora['public_examples']:,} public examples, test accuracy "
+              f"{lora['base_test_accuracy']:.4f} before the adapters")
     print(f"fedpriv: {summary['stopped_reason']} after {summary['rounds_completed']} rounds in "
           f"{summary['wall_s']:.1f}s — {describe_final(summary)}{traffic}")
     print(f"fedpriv: run directory {run_dir}")

@@ -79,10 +79,33 @@ def data_checks(cfg: RunConfig) -> list[str]:
     if cfg.partition == "pathological" and cfg.classes_per_client > classes:
         errors.append(f"classes-per-client: expected at most {classes} (classes in {cfg.dataset}), "
                       f"got {cfg.classes_per_client}")
+    if cfg.lora_rank > 0:
+        errors.extend(lora_checks(cfg, classes))
     if cfg.strategy == "feddm" and cfg.feddm_max_images < cfg.feddm_images_per_class * classes:
         errors.append(f"feddm-max-images: expected at least feddm-images-per-class × classes = "
                       f"{cfg.feddm_images_per_class} × {classes} = {cfg.feddm_images_per_class * classes} (a client "
                       f"holding every class uploads that many), got {cfg.feddm_max_images}")
+    return errors
+
+
+IMAGE_SIZES = {"digits": 8, "fashion-mnist": 28}
+
+
+def lora_checks(cfg: RunConfig, classes: int) -> list[str]:
+    """Federated LoRA: public classes within the dataset's, some private data left, a rank every layer admits."""
+    errors = []
+    if cfg.lora_public_classes > classes:
+        errors.append(f"lora-public-classes: expected at most {classes} (classes in {cfg.dataset}), got "
+                      f"{cfg.lora_public_classes}")
+    elif cfg.lora_public_classes == classes and cfg.lora_public_fraction == 1.0:
+        errors.append(f"lora-public-fraction: with all {classes} classes public, expected a share below 1 (the "
+                      f"clients need private data), got {cfg.lora_public_fraction}")
+    from models.lora import lora_rank_limit
+
+    limit, layer = lora_rank_limit(cfg.model, IMAGE_SIZES[cfg.dataset], classes)
+    if cfg.lora_rank > limit:
+        errors.append(f"lora-rank: expected at most {limit} (min(in, out) of the smallest Linear layer of model "
+                      f"{cfg.model!r}, {layer}), got {cfg.lora_rank}")
     return errors
 
 

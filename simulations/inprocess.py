@@ -113,10 +113,11 @@ class InProcessGrid(Grid):
 
 
 def run_in_process(
-    cfg: RunConfig, clients: list[ClientData], test: TestData, run_dir: str | Path
+    cfg: RunConfig, clients: list[ClientData], test: TestData, run_dir: str | Path, public: TestData | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]], InProcessGrid]:
     """Run ``cfg`` through the real ServerApp logic (:func:`server.app.run_server`: strategy, DP wrappers, ledger,
-    round loop, run directory) and the real ClientApp, node i holding ``clients[i]``.
+    round loop, run directory) and the real ClientApp, node i holding ``clients[i]``; ``public`` is the server's
+    public split (federated LoRA pretrains its base on it).
 
     Returns the summary, the metrics rows and the grid (for its client timings).
     """
@@ -124,6 +125,6 @@ def run_in_process(
         raise ValueError(f"num-clients={cfg.num_clients} but {len(clients)} client data sets were given")
     grid = InProcessGrid(build_client_app(lambda ctx, _cfg: clients[int(ctx.node_config["partition-id"])]),
                          cfg.num_clients)
-    setup = ServerSetup(config=cfg, test_data=test, run_dir=Path(run_dir))
+    setup = ServerSetup(config=cfg, test_data=test, run_dir=Path(run_dir), public_data=public)
     summary = run_server(grid, setup)
     return summary, RunDir(run_dir).read_metrics(), grid

@@ -13,13 +13,14 @@ Protocol (``num-rounds`` rounds in all, wrapping FedAvg):
 
 1. **Noisy phase**, rounds 1 … R₁ (R₁ = num-rounds − retrain-rounds with consensus, else num-rounds). Clients
    train on their privatized labels. With ``rr-prior`` the noisy phase is split evenly into ``label-stages``
-   stages; at stage s each client privatizes its s-th data part with the current global model as prior and
-   trains on stages 1 … s.
+   stages; at stage s each client privatizes its s-th data part with the current global model as prior (its
+   softmax with RR's transition matrix inverted, ``label-prior = denoised``) and trains on stages 1 … s.
 2. **Consensus**, at the first retraining round of each client: the client predicts hard labels with the
    global model of the end of the noisy phase and keeps the samples where prediction == noisy label.
 3. **Retraining**, rounds R₁+1 … num-rounds, on the kept samples only: ``retrain = continue`` goes on from
    the noisy-phase model; ``scratch`` restarts from the initial model (then the noisy-phase model travels
-   beside it once, as ``consensus-arrays``, for step 2).
+   beside it once, as ``consensus-arrays``, for step 2). With ``label-matched-steps`` (default) a client's
+   local SGD steps per round are those of ``local-epochs`` passes over all its data in every phase.
 
 Privacy: each client privatizes every label once (client side, :mod:`client.label_dp`), so the ledger charges
 each client ε_label exactly once, unit ``label``, at the first training message it is sent — before the

@@ -82,3 +82,52 @@ def test_consensus_keeps_exactly_the_agreeing_samples(data: ClientData) -> None:
     reply["metrics"]["kept-size"] = len(data.y) + 1
     assert strategy.validate_reply(reply, start) == (
         f"metric 'kept-size': expected an integer in [0, data-size={len(data.y)}], got {len(data.y) + 1}")
+
+
+def _captured_epochs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import models
+
+    seen: list[int] = []
+    real = models.train
+
+    def spy(model, x, y, tcfg, seed=0, device="cpu"):
+        seen.append(tcfg.epochs)
+        return real(model, x, y, tcfg, seed=seed, device=device)
+
+    monkeypatch.setattr(models, "train", spy)
+    return seen
+
+
+def test_matched_steps_scale_local_epochs_to_the_subset(data: ClientData, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _captured_epochs(monkeypatch)
+    arrays = ArrayRecord(build_model("mlp", 8, 10, seed=0).state_dict())
+    stage1 = cfg(**{"label-mechanism": "rr-prior", "label-stages": 2, "local-epochs": 2, "label-matched-steps": True})
+    state = RecordDict()
+    label_dp_fit(message(arrays, stage1), stage1, data, 1, state, 3, True)  # half the data labelled: 2 × 2 passes
+    assert seen == [4]
+    retrain = stage1 | {"label-phase": "retrain", "label-stage": 2}
+    reply = label_dp_fit(message(arrays, retrain), retrain, data, 2, state, 3, True)
+    kept = int(reply["metrics"]["kept-size"])
+    assert seen[1] == 2 * round(len(data.y) / kept) and seen[1] > 2
+    off = stage1 | {"label-matched-steps": False}
+    label_dp_fit(message(arrays, off), off, data, 3, RecordDict(), 3, True)
+    assert seen[2] == 2
+
+
+@pytest.mark.parametrize("prior", ["denoised", "softmax"])
+def test_rr_prior_uses_the_denoised_softmax(data: ClientData, prior: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from privacy.mechanisms import RandomizedResponse, RRWithPrior
+
+    priors: list[np.ndarray] = []
+    real = RRWithPrior.apply
+    monkeypatch.setattr(RRWithPrior, "apply", lambda self, y, p, rng: priors.append(p) or real(self, y, p, rng))
+    model = build_model("mlp", 8, 10, seed=2)
+    arrays = ArrayRecord(model.state_dict())
+    c = cfg(**{"label-mechanism": "rr-prior", "label-stages": 2, "label-stage": 2, "label-prior": prior})
+    state = RecordDict()
+    label_dp_fit(message(arrays, c), c, data, 1, state, 3, False)
+    stage2 = state.array_records[STATE_KEY]["stage"].numpy() == 2
+    q = predict_proba(model, data.x[stage2])
+    expected = RandomizedResponse(1.0, 10).denoise(q) if prior == "denoised" else q
+    (got,) = priors
+    np.testing.assert_allclose(got, expected / expected.sum(1, keepdims=True), atol=1e-12)

@@ -24,7 +24,7 @@ def test_seeded_initialization_is_reproducible() -> None:
 def test_unknown_model_and_optimizer_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="model must be one of mlp, cnn, vit, vit-laser, got 'resnet'"):
         build_model("resnet", 8, 10)
-    with pytest.raises(ValueError, match="optimizer must be one of sgd, adam, adamw, got 'lion'"):
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, adam, adamw, lora-rite, got 'lion'"):
         train(build_model("mlp", 8, 10), np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64),
               TrainConfig(optimizer="lion"))
 

@@ -66,6 +66,21 @@ def test_rr_rejects_bad_input() -> None:
         RandomizedResponse(1.0, 3).apply(np.array([0, 3]), np.random.default_rng(0))
 
 
+@pytest.mark.parametrize(("eps", "k"), [(1.0, 10), (4.0, 3), (0.1, 2)])
+def test_rr_denoise_inverts_the_transition_matrix(eps: float, k: int) -> None:
+    rr = RandomizedResponse(eps, k)
+    p = np.random.default_rng(0).dirichlet(np.ones(k), size=50)
+    q = p @ rr.transition_matrix()  # the released label's distribution, what a model trained on RR labels fits
+    np.testing.assert_allclose(rr.denoise(q), p, atol=1e-12)
+    # Entries estimated below the flip probability are clipped; a row clipped entirely becomes uniform.
+    a, b = rr.keep_probability, (1 - rr.keep_probability) / (k - 1)
+    low = np.full(k, b * 0.5)
+    low[0] = 1 - low[1:].sum()
+    assert rr.denoise(low)[0] == 1.0 and rr.denoise(np.full(k, 1.0 / k)) == pytest.approx(np.full(k, 1.0 / k))
+    assert a > b
+    with pytest.raises(ValueError, match=rf"noisy_proba must have shape \(K,\) or \(n, K\) with K={k}"):
+        rr.denoise(np.ones(k + 1) / (k + 1))
+
 @settings(max_examples=60, deadline=None)
 @given(
     eps=st.floats(0.05, 6.0),

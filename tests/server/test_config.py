@@ -77,3 +77,13 @@ def test_label_dp_cross_field_errors_are_collected() -> None:
     # rr ignores label-stages; without consensus every round is a noisy-label round.
     assert resolve_config({"strategy": "label-dp", "label-stages": 9, "num-rounds": 2, "retrain-rounds": 1})
     assert resolve_config({"strategy": "label-dp", "consensus": "false", "num-rounds": 2, "retrain-rounds": 5})
+
+
+def test_label_prior_and_matched_steps_keys() -> None:
+    cfg = resolve_config({"strategy": "label-dp"})
+    assert (cfg.label_prior, cfg.label_matched_steps) == ("denoised", True)
+    assert resolve_config({"label-prior": "softmax", "label-matched-steps": "false"}).label_matched_steps is False
+    assert errors_of({"label-prior": "uniform", "label-matched-steps": "sometimes"}) == [
+        "label-prior: expected one of denoised, softmax, got 'uniform'",
+        "label-matched-steps: expected true or false, got 'sometimes'",
+    ]
