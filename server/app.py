@@ -26,7 +26,7 @@ from privacy.mechanisms import calibrate_gaussian
 from server.config import RunConfig
 from server.histogram import run_histogram
 from server.loop import RunFailed, run_rounds, wait_for_nodes
-from server.lora import LoraBase, initial_adapters, lora_model, prepare_base
+from server.lora import LoraBase, balance_adapters, initial_adapters, lora_model, prepare_base
 from server.privacy import PRIVACY_UNIT, open_ledger, privacy_epsilons, privacy_mode, privacy_summary
 from server.rundir import RunDir
 from server.setup import ServerSetup, TestData
@@ -199,6 +199,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
                 central_eval=central_eval, run_dir=run_dir, reporter=setup.reporter, first_round=first_round,
                 round_metrics=epsilon_so_far if ledger is not None else None, min_available=min_available,
                 node_wait_timeout=cfg.node_wait_timeout,
+                post_aggregate=balance_adapters if lora is not None and cfg.lora_balance else None,
             )
             stopped = early or stopped
     except RunFailed as exc:

@@ -93,6 +93,8 @@ class RunConfig:
     lora_rank: int = _opt(0, "federated LoRA: adapter rank r (0: no LoRA, the whole model is federated)", lo=0)
     lora_alpha: float = _opt(0.0, "federated LoRA: the update B·A is scaled by lora-alpha / r (0: lora-alpha = r)",
                              lo=0.0)
+    lora_balance: bool = _opt(True, "federated LoRA: after each aggregation rescale every adapter pair to equal norms "
+                              "(B·c, A/c: B·A unchanged), so that averaging the factors stays well conditioned")
     lora_public_classes: int = _opt(5, "federated LoRA: the server's public split holds classes 0 .. K-1 only", lo=1)
     lora_public_fraction: float = _opt(0.5, "federated LoRA: share of each public class's training examples held "
                                        "by the server (the clients never get them)", lo=0.0, hi=1.0, lo_open=True)

@@ -212,12 +212,14 @@ def run_rounds(
     round_metrics: Callable[[int], dict[str, Any]] | None = None,
     min_available: int = 0,
     node_wait_timeout: float = 120.0,
+    post_aggregate: Callable[[ArrayRecord], ArrayRecord] | None = None,
 ) -> tuple[ArrayRecord, list[dict[str, Any]], str | None]:
     """Run rounds ``first_round..num_rounds``; return the final arrays, the metrics rows written, and why the
     run stopped early (a strategy that configures no round and says ``stop_reason``, e.g. a privacy budget),
     or None. ``round_metrics(round)`` adds keys to each round's row (e.g. ε so far). With ``min_available``,
     each round after the first waits up to ``node_wait_timeout`` seconds for that many connected nodes (a
-    SuperNode that died is not waited for forever).
+    SuperNode that died is not waited for forever). ``post_aggregate`` transforms each aggregated model before it
+    is evaluated, checkpointed and sent (post-processing: it sees only what the strategy released).
 
     Raises
     ------
@@ -248,7 +250,7 @@ def run_rounds(
             raise RunFailed(f"round {server_round}: no client returned a usable update ({first})")
         new_arrays, train_metrics = strategy.aggregate_train(server_round, train.ok)
         if new_arrays is not None:
-            arrays = new_arrays
+            arrays = new_arrays if post_aggregate is None else post_aggregate(new_arrays)
 
         row: dict[str, Any] = {"round": server_round}
         eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(run_config), grid))

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord
 
 from server.config import RunConfig
 from server.setup import TestData
@@ -97,6 +98,7 @@ def prepare_base(cfg: RunConfig, public: TestData | None, test: TestData, run_di
     info = {
         "rank": cfg.lora_rank,
         "alpha": cfg.lora_alpha or float(cfg.lora_rank),
+        "balance": cfg.lora_balance,
         "adapter_params": adapters,
         "base_params": base_params,
         "adapter_share": adapters / base_params,
@@ -130,3 +132,28 @@ def initial_adapters(cfg: RunConfig, base: LoraBase, test: TestData) -> ArrayRec
     from kernels.lora import lora_state_dict
 
     return ArrayRecord(lora_state_dict(lora_model(cfg, base, test, seed=cfg.seed)))
+
+
+def balance_adapters(arrays: ArrayRecord) -> ArrayRecord:
+    """Rescale every adapter pair of an aggregated model to equal Frobenius norms: (B, A) → (B·c, A/c) with
+    c = √(‖A‖/‖B‖), so B·A — the model — is unchanged (up to float rounding); pairs with a zero factor are kept.
+
+    Why: FedAvg averages A and B separately, which is not invariant to reparametrizing a pair, and LoRA-RITE (by
+    design invariant to it) lets the factors' scales drift apart — B stays small, A grows — so that the average
+    of the clients' factor products degrades; rebalancing the global adapters each round keeps the averaging well
+    conditioned (measured in benchmarks/README.md). A deterministic function of the released model:
+    post-processing, free under differential privacy.
+    """
+    out = {key: array.numpy() for key, array in arrays.items()}
+    for key in list(out):
+        if not key.endswith("lora_A.weight"):
+            continue
+        key_b = key[: -len("lora_A.weight")] + "lora_B.weight"
+        if key_b not in out:
+            continue
+        a, b = out[key], out[key_b]
+        norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        if norm_a > 0.0 and norm_b > 0.0 and np.isfinite(norm_a) and np.isfinite(norm_b):
+            c = (norm_a / norm_b) ** 0.5
+            out[key], out[key_b] = (a / c).astype(a.dtype), (b * c).astype(b.dtype)
+    return ArrayRecord({key: Array(value) for key, value in out.items()})

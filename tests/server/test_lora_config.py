@@ -63,3 +63,25 @@ def test_checks_that_need_the_model_and_the_data() -> None:
         "data), got 1.0"]
     ok = resolve(overrides={"lora-rank": 10, "model": "mlp", "optimizer": "lora-rite", "dp": "dpsgd"})
     assert ok.lora_rank == 10
+
+
+def test_balancing_the_aggregated_adapters_keeps_the_product() -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from server.lora import balance_adapters
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 9)).astype(np.float32) * 7.0, rng.normal(size=(5, 4)).astype(np.float32) * 0.1
+    zero_b = np.zeros((5, 4), np.float32)
+    other = rng.normal(size=(3,)).astype(np.float32)
+    arrays = ArrayRecord({"l.lora_A.weight": Array(a), "l.lora_B.weight": Array(b), "m.lora_A.weight": Array(a),
+                          "m.lora_B.weight": Array(zero_b), "bias": Array(other)})
+    out = {k: v.numpy() for k, v in balance_adapters(arrays).items()}
+    assert list(out) == list(arrays.keys())
+    np.testing.assert_allclose(out["l.lora_B.weight"] @ out["l.lora_A.weight"], b @ a, rtol=1e-5, atol=1e-6)
+    assert np.isclose(np.linalg.norm(out["l.lora_A.weight"]), np.linalg.norm(out["l.lora_B.weight"]), rtol=1e-5)
+    assert np.array_equal(out["m.lora_A.weight"], a) and np.array_equal(out["m.lora_B.weight"], zero_b)  # B = 0
+    assert np.array_equal(out["bias"], other) and out["l.lora_A.weight"].dtype == np.float32
+    assert resolve(overrides={"lora-balance": "false"}).lora_balance is False
+    assert _errors(lora_balance="maybe") == ["lora-balance: expected true or false, got 'maybe'"]

@@ -62,6 +62,9 @@ def test_in_process_run_sends_only_adapters_learns_and_resumes(tmp_path) -> None
     saved = _adapter_arrays(tmp_path / "checkpoint" / "model.npz")
     assert sum(a.size for a in saved.values()) == lora["adapter_params"]
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in saved)
+    for key in (k for k in saved if k.endswith("lora_A.weight")):  # lora-balance: equal norms after aggregation
+        norm_b = np.linalg.norm(saved[key.replace("lora_A", "lora_B")])
+        assert np.isclose(np.linalg.norm(saved[key]), norm_b, rtol=1e-4) and norm_b > 0
     # each reply is the adapters plus the metrics, nothing else
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in saved.items()}),
                         "metrics": MetricRecord({"train-loss": 0.5, "num-examples": 400, "unit-weight": 1})})
@@ -109,3 +112,16 @@ def test_fashion_lora_rite_end_to_end_moves_only_adapters(tmp_path) -> None:
     assert lora["base_sha256"] == file_sha256(out / "base" / "model.npz")
     with np.load(out / "base" / "model.npz") as z:
         assert sum(z[k].size for k in z.files) == 72074 and not any("lora" in k for k in z.files)
+
+
+@pytest.mark.parametrize("dp", ["dpsgd", "dpfedavg"])
+def test_dp_modes_train_adapters_only(tmp_path, dp: str) -> None:
+    """Client DP-SGD on the adapters (Opacus-compatible LoRA layers) and central DP-FedAvg over the adapters: the
+    ledger records the releases, and still only adapters travel."""
+    cfg = resolve(overrides=DIGITS_LORA | {"dp": dp, "num-rounds": 1, "lora-pretrain-epochs": 2})
+    clients = [partition_data(cfg.to_dict(), i, 3) for i in range(3)]
+    summary, rows, _ = run_in_process(cfg, clients, held_out(cfg), tmp_path, public_data(cfg))
+    assert summary["stopped_reason"] == "completed" and rows[0]["clients"] == 3
+    assert summary["privacy"]["differentially_private"] and 0 < rows[0]["epsilon"] <= cfg.target_epsilon + 1e-6
+    saved = _adapter_arrays(tmp_path / "checkpoint" / "model.npz")
+    assert sum(a.size for a in saved.values()) == summary["lora"]["adapter_params"] == 2344
