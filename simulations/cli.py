@@ -112,8 +112,20 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _resolve_for_simulate(args: argparse.Namespace) -> tuple[Any, Path, bool]:
+def _resolve_experiment(args: argparse.Namespace, overrides: dict[str, Any], errors: list[str]) -> Any:
+    """The experiment's config with ``--set``/flag overrides and ``--out``; config errors join the CLI's own."""
     from server.config import ConfigError
+    from simulations.experiments import resolve
+
+    if args.out:
+        overrides["out"] = args.out
+    try:
+        return resolve(args.experiment, overrides)
+    except ConfigError as exc:
+        raise UsageError(errors + exc.errors) from None
+
+
+def _resolve_for_simulate(args: argparse.Namespace) -> tuple[Any, Path, bool]:
     from server.rundir import default_run_dir
     from simulations.experiments import resolve
 
@@ -132,12 +144,7 @@ def _resolve_for_simulate(args: argparse.Namespace) -> tuple[Any, Path, bool]:
             raise UsageError(["--resume: give no experiment or --set; the run continues with its saved config"])
         cfg = resolve(overrides=saved)
         return cfg, run_dir, True
-    if args.out:
-        overrides["out"] = args.out
-    try:
-        cfg = resolve(args.experiment, overrides)
-    except ConfigError as exc:
-        raise UsageError(errors + exc.errors) from None
+    cfg = _resolve_experiment(args, overrides, errors)
     if errors:
         raise UsageError(errors)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.experiment)
@@ -168,10 +175,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from server.config import ConfigError
     from server.rundir import default_run_dir
     from simulations.deploy import INSECURE_WARNING, DeployError, deploy_local
-    from simulations.experiments import resolve
 
     if args.insecure:
         print(f"fedpriv: {INSECURE_WARNING}", file=sys.stderr)
@@ -186,12 +191,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     overrides["num-clients"] = max(args.nodes, 1)
-    if args.out:
-        overrides["out"] = args.out
-    try:
-        cfg = resolve(args.experiment, overrides)
-    except ConfigError as exc:
-        raise UsageError(errors + exc.errors) from None
+    cfg = _resolve_experiment(args, overrides, errors)
     if cfg.dataset == "words":
         errors.append("dataset: deploy local gives each SuperNode an image data file; 'words' (histograms) is "
                       "simulation-only")

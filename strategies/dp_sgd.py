@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from privacy.mechanisms import calibrate_gaussian, poisson_sampled, self_composed
 from strategies.clients import ClientInfo, query_clients
-from strategies.releases import PlannedRelease
+from strategies.releases import PlannedRelease, planned_for
 from strategies.wrapper import StrategyWrapper
 
 logger = logging.getLogger("fedpriv")
@@ -60,7 +60,7 @@ class LocalDpSgd(StrategyWrapper):
         self.query_timeout = query_timeout
         self.info: dict[int, ClientInfo] = {}
         self.clients: dict[int, tuple[str, int, float]] = {}  # node -> (client id, n, sigma)
-        self._plans: dict[int, list[PlannedRelease]] = {}
+        self._plans: dict[int, PlannedRelease] = {}
 
     # -- per-client calibration --------------------------------------------------------------------------
     def steps_per_round(self, num_examples: int) -> int:
@@ -97,7 +97,7 @@ class LocalDpSgd(StrategyWrapper):
                                 "clip-norm": self.clip_norm, "target-delta": self.target_delta})
             content = RecordDict({"arrays": msg.content["arrays"], "config": cfg})
             out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type))
-            self._plans[node] = [PlannedRelease(node, (cid,), "example", self.round_event(n, sigma), "dpsgd")]
+            self._plans[node] = PlannedRelease(node, (cid,), "example", self.round_event(n, sigma), "dpsgd")
         return out
 
     def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord, node_id: int | None = None) -> str | None:
@@ -115,7 +115,7 @@ class LocalDpSgd(StrategyWrapper):
 
     def release_plan(self, server_round: int, messages: Iterable[Message]) -> list[PlannedRelease]:
         """The releases ``messages`` will cause (one per client: its DP-SGD steps of this round)."""
-        return [p for m in messages for p in self._plans.get(m.metadata.dst_node_id, [])]
+        return planned_for(self._plans, messages)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from privacy.mechanisms import calibrate_gaussian, self_composed
 from strategies.clients import ClientInfo, query_clients
 from strategies.feddm import FedDM
-from strategies.releases import PlannedRelease
+from strategies.releases import PlannedRelease, planned_for
 from strategies.wrapper import StrategyWrapper
 
 logger = logging.getLogger("fedpriv")
@@ -111,7 +111,7 @@ class FedDMDp(StrategyWrapper):
 
     def release_plan(self, server_round: int, messages: Iterable[Message]) -> list[PlannedRelease]:
         """One release per client sent work this round: its T + 1 Gaussian releases."""
-        return [self._plans[m.metadata.dst_node_id] for m in messages if m.metadata.dst_node_id in self._plans]
+        return planned_for(self._plans, messages)
 
     def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord, node_id: int | None = None) -> str | None:
         """FedDM's synthetic-set check, and the client's count of releases must be the planned one."""

@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import Strategy
 
 from privacy.mechanisms import RandomizedResponse, RRWithPrior
 from strategies.clients import ClientInfo, query_clients
-from strategies.releases import PlannedRelease
+from strategies.releases import PlannedRelease, planned_for
 from strategies.wrapper import StrategyWrapper
 
 logger = logging.getLogger("fedpriv")
@@ -155,7 +155,7 @@ class LabelDpConsensus(StrategyWrapper):
 
     def release_plan(self, server_round: int, messages: Iterable[Message]) -> list[PlannedRelease]:
         """The label release of every client sent its first training message (once per client and run)."""
-        return [self._plans[m.metadata.dst_node_id] for m in messages if m.metadata.dst_node_id in self._plans]
+        return planned_for(self._plans, messages)
 
     def validate_reply(self, content: RecordDict, global_arrays: ArrayRecord, node_id: int | None = None) -> str | None:
         """FedAvg's update check plus the label metrics: sizes within the client's data, K label counts."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import dp_accounting as dpa
+from flwr.app import Message
 
 
 @dataclass(frozen=True)
@@ -20,3 +22,8 @@ class PlannedRelease:
     unit: str  # example | label | user
     event: dpa.DpEvent
     mechanism: str  # short name shown by `fedpriv audit`
+
+
+def planned_for(plans: Mapping[int, PlannedRelease], messages: Iterable[Message]) -> list[PlannedRelease]:
+    """The planned client-side releases that ``messages`` carry (``plans`` keyed by destination node)."""
+    return [plans[m.metadata.dst_node_id] for m in messages if m.metadata.dst_node_id in plans]
