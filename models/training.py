@@ -36,7 +36,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":  # fused kernel on CUDA, foreach (multi-tensor) on CPU
+    if cfg.optimizer == "adamw":  # torch's fused kernel (CUDA and CPU)
         from kernels import make_fused_adamw
 
         return make_fused_adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

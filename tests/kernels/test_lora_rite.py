@@ -203,14 +203,26 @@ def test_invalid_arguments() -> None:
         LoRARITE([a, b, a])
 
 
-def test_make_fused_adamw_on_cpu_uses_foreach() -> None:
-    p = torch.zeros(3, requires_grad=True)
-    opt = make_fused_adamw([p], lr=0.1)
-    assert isinstance(opt, torch.optim.AdamW)
-    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
-    p.grad = torch.ones(3)
-    opt.step()
-    assert torch.all(p < 0)
+def test_make_fused_adamw_is_fused_on_cpu_and_steps_like_foreach() -> None:
+    gen = torch.Generator().manual_seed(0)
+    fused_params = [torch.randn(n, generator=gen, requires_grad=True) for n in (3, 50, 7)]
+    foreach_params = [p.detach().clone().requires_grad_() for p in fused_params]
+    initial = [p.detach().clone() for p in fused_params]
+    fused = make_fused_adamw(fused_params, lr=0.1)
+    foreach = make_fused_adamw(foreach_params, lr=0.1, implementation="foreach")
+    assert isinstance(fused, torch.optim.AdamW) and fused.defaults["fused"] is True
+    assert foreach.defaults["foreach"] is True and not foreach.defaults["fused"]
+    for _ in range(10):
+        for p, q in zip(fused_params, foreach_params, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        fused.step()
+        foreach.step()
+    for p, q in zip(fused_params, foreach_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert all((p - p0).abs().mean() > 0.05 for p, p0 in zip(fused_params, initial, strict=True))  # they moved
+    with pytest.raises(ValueError, match=r"^implementation: expected 'fused' or 'foreach', got 'apex'"):
+        make_fused_adamw(fused_params, implementation="apex")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

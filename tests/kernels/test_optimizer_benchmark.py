@@ -33,8 +33,8 @@ def test_step_part_needs_neither_flower_nor_opacus() -> None:
     proc = _run("--skip", "federated", "laser", "--repeats", "3", "--device", "cpu", "--no-write")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.splitlines()[0])
-    assert row["device"] == "cpu" and row["adamw"] == "foreach" and row["ratio"] > 0
-    assert "**ratio LoRA-RITE ÷ AdamW**" in proc.stdout
+    assert row["device"] == "cpu" and row["adamw"] == "fused" and row["ratio"] > 0
+    assert "**ratio LoRA-RITE ÷ fused AdamW**" in proc.stdout
 
 
 def test_federated_part_is_skipped_with_a_reason_without_flower() -> None:
