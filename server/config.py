@@ -37,6 +37,9 @@ class ConfigError(Exception):
         self.errors = list(errors)
         super().__init__("\n".join(self.errors))
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[list[str]]]:  # pickles whole (e.g. from a worker process)
+        return ConfigError, (self.errors,)
+
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
          lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Any:

@@ -87,3 +87,11 @@ def test_label_prior_and_matched_steps_keys() -> None:
         "label-prior: expected one of denoised, softmax, got 'uniform'",
         "label-matched-steps: expected true or false, got 'sometimes'",
     ]
+
+
+def test_config_error_survives_pickling() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError(["lr: expected > 0, got -1", "num-rounds: expected >= 1, got 0"])))
+    assert err.errors == ["lr: expected > 0, got -1", "num-rounds: expected >= 1, got 0"]
+    assert str(err) == "lr: expected > 0, got -1\nnum-rounds: expected >= 1, got 0"
