@@ -162,15 +162,16 @@ def run_server(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
         lora = prepare_base(cfg, setup.public_data, setup.test_data, run_dir.path, setup.resume)
     central_eval = make_central_eval(cfg, setup.test_data, lora)
     ledger, run_id = open_ledger(cfg, run_dir)
-    strategy = make_strategy(cfg, ledger, run_id, initial_arrays(cfg, setup.test_data, lora),
-                             setup.test_data.num_classes, tuple(setup.test_data.x.shape[1:]))
+    initial = initial_arrays(cfg, setup.test_data, lora)
+    strategy = make_strategy(cfg, ledger, run_id, initial, setup.test_data.num_classes,
+                             tuple(setup.test_data.x.shape[1:]))
     run_config = cfg.to_dict() | (lora.config_entries() if lora is not None else {})
 
     def epsilon_so_far(_round: int) -> dict[str, Any]:
         eps = privacy_epsilons(cfg, ledger, run_id) if ledger is not None else {}
         return {"epsilon": max(eps.values(), default=0.0)}
 
-    first_round, arrays = 1, initial_arrays(cfg, setup.test_data, lora)
+    first_round, arrays = 1, initial
     previous: list[dict[str, Any]] = []
     if setup.resume and (ckpt := run_dir.load_checkpoint()) is not None:
         done, saved, _ = ckpt

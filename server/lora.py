@@ -60,9 +60,8 @@ def prepare_base(cfg: RunConfig, public: TestData | None, test: TestData, run_di
     ValueError
         No public split was given, or a resumed run's base file is missing.
     """
-    from kernels.lora import lora_state_dict
     from models import evaluate
-    from models.lora import build_lora_model, file_sha256, load_base, pretrain_base, save_base
+    from models.lora import adapter_count, build_lora_model, file_sha256, load_base, pretrain_base, save_base
 
     path = Path(run_dir) / "base" / "model.npz"
     info_path = path.with_name("info.json")
@@ -91,7 +90,7 @@ def prepare_base(cfg: RunConfig, public: TestData | None, test: TestData, run_di
     sha = save_base(state, path)
     model = build_lora_model(cfg.model, int(test.x.shape[-1]), test.num_classes, cfg.lora_rank, cfg.lora_alpha,
                              base_state=state)
-    adapters = sum(t.numel() for t in lora_state_dict(model).values())
+    adapters = adapter_count(model)
     base_params = sum(v.numel() for v in state.values())
     _, base_acc = evaluate(model, test.x, test.y)
     public_classes = sorted(int(c) for c in set(public.y.tolist()))

@@ -28,8 +28,11 @@ HOW_TO_GET_FASHION = (
     "install the Debian package (as root: apt-get install dataset-fashion-mnist) or set data-dir "
     f"(or ${FASHION_ENV}) to a directory holding {', '.join(f + '.gz' for f in FASHION_FILES.values())}"
 )
-# Train-set sizes, so configuration checks need not load the data.
+# Facts of the image datasets, so configuration checks need not load the data (tests/simulations/test_datasets.py
+# checks them against the loaded data).
 TRAIN_SIZES = {"digits": None, "fashion-mnist": 60_000}
+NUM_CLASSES = {"digits": 10, "fashion-mnist": 10}
+IMAGE_SIZES = {"digits": 8, "fashion-mnist": 28}  # S of the (N, 1, S, S) images
 DIGITS_TOTAL = 1797
 
 

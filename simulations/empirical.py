@@ -39,9 +39,9 @@ import numpy as np
 
 from privacy import accounting
 from privacy import audit as pa
+from simulations.datasets import NUM_CLASSES
 
 AUDITED = ("dpsgd", "dpfedavg", "feddm-dp", "label-dp", "histogram")
-NUM_CLASSES = {"digits": 10, "fashion-mnist": 10}
 
 
 class EmpiricalAuditError(Exception):

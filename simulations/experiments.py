@@ -19,6 +19,8 @@ else:  # pragma: no cover
 from server.config import ConfigError, RunConfig, resolve_config
 from simulations.datasets import (
     HOW_TO_GET_FASHION,
+    IMAGE_SIZES,
+    NUM_CLASSES,
     TRAIN_SIZES,
     digits_train_size,
     fashion_dir,
@@ -27,7 +29,6 @@ from simulations.datasets import (
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 DEFAULT_EXPERIMENT = "digits-fedavg"
-NUM_CLASSES = {"digits": 10, "fashion-mnist": 10, "words": 0}
 
 
 def list_experiments() -> list[tuple[str, str]]:
@@ -86,9 +87,6 @@ def data_checks(cfg: RunConfig) -> list[str]:
                       f"{cfg.feddm_images_per_class} × {classes} = {cfg.feddm_images_per_class * classes} (a client "
                       f"holding every class uploads that many), got {cfg.feddm_max_images}")
     return errors
-
-
-IMAGE_SIZES = {"digits": 8, "fashion-mnist": 28}
 
 
 def lora_checks(cfg: RunConfig, classes: int) -> list[str]:

@@ -8,7 +8,16 @@ import struct
 import numpy as np
 import pytest
 
-from simulations.datasets import DataError, load_dataset, load_digits, load_fashion_mnist, read_idx
+from simulations.datasets import (
+    IMAGE_SIZES,
+    NUM_CLASSES,
+    TRAIN_SIZES,
+    DataError,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    read_idx,
+)
 from tests.conftest import requires_fashion
 
 
@@ -66,3 +75,11 @@ def test_installed_fashion_mnist() -> None:
     ds = load_fashion_mnist()
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert np.bincount(ds.y_train).tolist() == [6000] * 10
+
+
+@pytest.mark.parametrize("name", ["digits", pytest.param("fashion-mnist", marks=requires_fashion)])
+def test_recorded_dataset_facts_match_the_data(name: str) -> None:
+    ds = load_dataset(name)
+    assert ds.num_classes == NUM_CLASSES[name] == len(np.unique(ds.y_train))
+    assert ds.image_size == IMAGE_SIZES[name]
+    assert TRAIN_SIZES[name] in (None, len(ds.y_train))
