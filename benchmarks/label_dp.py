@@ -30,6 +30,7 @@ holds clean labels to stop on), shown so that a gain over a degrading baseline c
 
     python benchmarks/label_dp.py [--preset fit-noise] [--epsilons 1 2 4] [--partitions iid dirichlet]
                                   [--rounds 12] [--retrain-rounds 3] [--lr 0.01] [--per-client 0] [--jobs 2]
+                                  [--label-holdout 0.1] [--no-matched-steps] [--no-record]
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def run(overrides: dict[str, Any], per_client: int) -> dict[str, Any]:
         summary, rows, _grid = run_in_process(cfg, clients, test_data(cfg), tmp)
         summary["bench_wall_s"] = time.perf_counter() - t0
     summary["rows"] = [{k: r.get(k) for k in ("round", "test_accuracy", "kept_fraction", "kept_precision",
-                                              "noisy_label_accuracy")} for r in rows]
+                                              "noisy_label_accuracy", "federated_holdout_accuracy",
+                                              "federated_selected_round")} for r in rows]
     summary["train_examples"] = sum(len(c.y) for c in clients)
     return summary
 
@@ -98,6 +100,8 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--per-client", type=int, default=0, help="cap on each client's training examples (0: all)")
     ap.add_argument("--label-prior", default="denoised", choices=["denoised", "softmax"])
+    ap.add_argument("--label-holdout", type=float, default=0.0,
+                    help="share of stage-1 data held out to select the prior / judge model (0: the latest model)")
     ap.add_argument("--no-matched-steps", action="store_true",
                     help="local-epochs passes over the subset trained on (old behaviour), not over all the data")
     ap.add_argument("--jobs", type=int, default=2, help="configurations run side by side (one core each)")
@@ -108,7 +112,8 @@ def main() -> None:
 
     common = {"num-rounds": args.rounds, "retrain-rounds": args.retrain_rounds, "num-clients": args.clients,
               "model": args.model, "dirichlet-alpha": 0.5, "lr": args.lr, "local-epochs": args.local_epochs,
-              "label-prior": args.label_prior, "label-matched-steps": not args.no_matched_steps}
+              "label-prior": args.label_prior, "label-matched-steps": not args.no_matched_steps,
+              "label-holdout": args.label_holdout}
     plan: list[tuple[str, float | None, dict[str, Any]]] = []  # (partition, ε, overrides)
     for partition in args.partitions:
         base = common | {"partition": partition}

@@ -143,6 +143,10 @@ def build_client_app(data_source: DataSource) -> ClientApp:
     def _evaluate(msg: Message, context: Context) -> Message:
         cfg = _with_node_overrides(dict(msg.content["config"]), context)
         data = data_source(context, cfg)
+        if cfg.get("client-task") == "label-dp":  # against the held-out RR labels, never the true ones
+            from client.label_dp import label_dp_evaluate
+
+            return Message(content=label_dp_evaluate(msg.content, cfg, data, context.state), reply_to=msg)
         return Message(content=local_evaluate(msg.content["arrays"], cfg, data), reply_to=msg)
 
     return app

@@ -29,6 +29,13 @@ labelled part in rr-prior's early stages, 1/(kept share) passes over the kept se
 ε = 1, where consensus keeps ~20 %) — so retraining rounds cost what noisy rounds cost, and comparisons at equal
 rounds are at equal computation.
 
+Held-out labels (``label-holdout`` h > 0): a share h of the stage-1 part is left out of noisy-phase training. Its
+labels are plain RR outputs of examples the model never trained on, so the rate at which a model's prediction agrees
+with them estimates the model's accuracy without bias (:func:`label_dp_evaluate` reports the counts in federated
+evaluation; the server inverts RR's channel, :meth:`privacy.mechanisms.RandomizedResponse.estimate_accuracy`). It is
+post-processing of the noisy labels: no extra privacy cost. The held-out examples join the retraining phase like any
+other labelled example.
+
 Randomness: in simulation (``partition-id`` in the node config) the RR draws are seeded from the run seed and
 the partition, so runs are reproducible; a deployed SuperNode draws them from the OS entropy pool, because a
 seed the server can guess would let it undo the noise. The true-label diagnostics (noisy-label accuracy,
@@ -45,7 +52,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from client.data import ClientData
 
-STATE_KEY = "label-dp"  # ArrayRecord in Context.state: stage (n,), noisy (n,), kept (n,) once filtered
+STATE_KEY = "label-dp"  # ArrayRecord in Context.state: stage, noisy, holdout (n,); kept (n,) once filtered
 UNSET = -1
 
 
@@ -118,12 +125,18 @@ def label_dp_fit(
     n, stages = len(data.y), int(cfg["label-stages"])
     values = _load(state)
     if not values or len(values["noisy"]) != n:
-        split = np.random.default_rng(None if rr_seed is None else [rr_seed, 1]).permutation(n)
+        split_rng = np.random.default_rng(None if rr_seed is None else [rr_seed, 1])
+        split = split_rng.permutation(n)
         values = {"stage": (split % stages + 1).astype(np.int64), "noisy": np.full(n, UNSET, dtype=np.int64)}
+        first = np.flatnonzero(values["stage"] == 1)
+        holdout = np.zeros(n, dtype=np.int8)
+        holdout[split_rng.permutation(first)[: round(float(cfg.get("label-holdout", 0.0)) * len(first))]] = 1
+        values["holdout"] = holdout
+    values.setdefault("holdout", np.zeros(n, dtype=np.int8))
     phase, stage = str(cfg["label-phase"]), int(cfg["label-stage"])
     arrays = content["arrays"]
     rng = np.random.default_rng(None if rr_seed is None else [rr_seed, 2, stage])
-    privatize_stages(values, stage, cfg, data, arrays, rng)
+    privatize_stages(values, stage, cfg, data, content.array_records.get("prior-arrays", arrays), rng)
     labelled = values["noisy"] != UNSET
 
     if phase == "retrain":
@@ -137,7 +150,7 @@ def label_dp_fit(
             _save(state, values)
             raise ValueError("consensus kept no sample: the global model disagrees with every noisy label")
     elif phase == "noisy":
-        use = labelled
+        use = labelled & (values["holdout"] == 0)
     else:
         raise ValueError(f"label-phase must be one of noisy, retrain, got {phase!r}")
     _save(state, values)
@@ -167,3 +180,24 @@ def label_dp_fit(
             kept = values["kept"].astype(bool)
             metrics["kept-correct"] = int((values["noisy"][kept] == data.y[kept]).sum())
     return RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+
+
+def label_dp_evaluate(content: RecordDict, cfg: Mapping[str, Any], data: ClientData, state: RecordDict) -> RecordDict:
+    """Agreement of the received model with the held-out RR labels (federated evaluation of label DP).
+
+    Returns ``holdout-size`` (held-out examples whose labels are privatized) and ``holdout-agree`` (how many of
+    them the model predicts as their RR label); the server turns the counts into an accuracy estimate. Only RR
+    outputs are read, never a true label. A client without held-out labels reports zeros.
+    """
+    from models import predict_proba, set_torch_threads
+
+    set_torch_threads(int(float(cfg.get("client-cpus", 1.0))))
+    values = _load(state)
+    held = (np.flatnonzero((values["holdout"] == 1) & (values["noisy"] != UNSET))
+            if "holdout" in values and len(values["noisy"]) == len(data.y) else np.zeros(0, dtype=np.int64))
+    agree = 0
+    if held.size:
+        pred = predict_proba(_model(cfg, data, content["arrays"]), data.x[held]).argmax(axis=1)
+        agree = int((pred == values["noisy"][held]).sum())
+    metrics = {"holdout-size": int(held.size), "holdout-agree": agree, "num-examples": int(held.size)}
+    return RecordDict({"metrics": MetricRecord(metrics)})

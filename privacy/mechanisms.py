@@ -325,6 +325,24 @@ class RandomizedResponse:
         return float(_keep_probability(self.epsilon, self.num_classes))
 
     @property
+    def flip_probability(self) -> float:
+        """Probability (1 − a)/(K − 1) of outputting one given other label (a: the keep probability)."""
+        return (1.0 - self.keep_probability) / (self.num_classes - 1)
+
+    def estimate_accuracy(self, agreement: float) -> float:
+        """Accuracy of a classifier estimated from how often it agrees with RR outputs of examples it never saw.
+
+        For a prediction independent of the noise, P(prediction = RR label) = b + (a − b)·P(prediction = true
+        label), so ``(agreement − b)/(a − b)`` is an unbiased estimate (Natarajan et al., NeurIPS 2013: learning
+        with a known noise transition). Post-processing of the RR outputs; the estimate can leave [0, 1] by
+        sampling error and is not clipped. Its standard error is √(agreement·(1 − agreement)/n)/(a − b).
+        """
+        if not 0.0 <= agreement <= 1.0:
+            raise ValueError(f"agreement must be a rate in [0, 1], got {agreement!r}")
+        keep, flip = self.keep_probability, self.flip_probability
+        return (agreement - flip) / (keep - flip)
+
+    @property
     def noise_parameter(self) -> float:
         """dp_accounting's RR parameter p = K / (e^ε + K − 1): probability of a uniform draw over all K."""
         k = self.num_classes
@@ -362,8 +380,7 @@ class RandomizedResponse:
             raise ValueError(f"noisy_proba must have shape (K,) or (n, K) with K={self.num_classes}, got {q.shape}")
         if not np.all(np.isfinite(q)) or np.any(q < 0):
             raise ValueError("noisy_proba must be finite and non-negative")
-        keep = self.keep_probability
-        flip = (1.0 - keep) / (self.num_classes - 1)
+        keep, flip = self.keep_probability, self.flip_probability
         p = np.clip((q - flip) / (keep - flip), 0.0, None)
         total = p.sum(axis=-1, keepdims=True)
         return np.where(total > 0, p / np.where(total > 0, total, 1.0), 1.0 / self.num_classes)

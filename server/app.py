@@ -67,7 +67,7 @@ def make_strategy(
                         min_available=cfg.min_available_clients),
             epsilon=cfg.label_epsilon, num_classes=num_classes, mechanism=cfg.label_mechanism,
             stages=cfg.label_stages, num_rounds=cfg.num_rounds, retrain_rounds=cfg.retrain_rounds,
-            consensus=cfg.consensus, retrain=cfg.retrain, initial_arrays=initial,
+            consensus=cfg.consensus, retrain=cfg.retrain, initial_arrays=initial, holdout=cfg.label_holdout,
         )
     elif mode == "dpsgd":
         inner = LocalDpSgd(

@@ -133,6 +133,10 @@ class RunConfig:
     label_prior: str = _opt("denoised", "rr-prior: prior of stages >= 2, the global model's softmax with RR's "
                             "transition matrix inverted (estimates P(true label | x)) or the raw softmax "
                             "(P(RR label | x))", choices=LABEL_PRIORS)
+    label_holdout: float = _opt(0.0, "label-dp: share of each client's stage-1 data held out of noisy-phase "
+                                "training; its RR labels estimate each round's model accuracy (federated "
+                                "evaluation), and the best-scoring model becomes rr-prior's prior and the "
+                                "consensus judge (0: the latest model)", lo=0.0, hi=0.5)
     label_matched_steps: bool = _opt(True, "label-dp: every round each client takes the SGD steps of local-epochs "
                                      "passes over all its data, whatever subset it trains on (rr-prior's first "
                                      "stages, the kept set); false: local-epochs passes over the subset")
@@ -304,6 +308,11 @@ def cross_checks(cfg: RunConfig) -> list[str]:
                           f"round), got {cfg.retrain_rounds}")
         elif noisy < stages:
             errors.append(f"label-stages: expected at most {noisy} (rounds of the noisy phase), got {stages}")
+    private = cfg.strategy in ("label-dp", "histogram") or cfg.dp != "none"
+    if private and cfg.fraction_evaluate > 0:
+        errors.append(f"fraction-evaluate: federated evaluation reports metrics computed on the clients' private "
+                      f"data, which no privacy mechanism of this run covers; expected 0 with strategy="
+                      f"{cfg.strategy!r}, dp={cfg.dp!r}, got {cfg.fraction_evaluate:g}")
     if (cfg.strategy == "histogram") != (cfg.dataset == "words"):
         errors.append(f"dataset: the histogram strategy runs on dataset 'words' and only there, got strategy="
                       f"{cfg.strategy!r} with dataset={cfg.dataset!r}")

@@ -22,6 +22,14 @@ Protocol (``num-rounds`` rounds in all, wrapping FedAvg):
    beside it once, as ``consensus-arrays``, for step 2). With ``label-matched-steps`` (default) a client's
    local SGD steps per round are those of ``local-epochs`` passes over all its data in every phase.
 
+Model selection (``label-holdout`` > 0): clients hold a share of their stage-1 data out of noisy-phase training;
+after each noisy round a federated evaluation counts how often the new global model predicts those examples' RR
+labels, from which :meth:`privacy.mechanisms.RandomizedResponse.estimate_accuracy` estimates the model's accuracy on
+the clients' data without bias, from noisy labels alone. The best-scoring model so far is rr-prior's prior at each
+later stage (sent as ``prior-arrays``) and, at the end of the noisy phase, the consensus judge and the model
+``continue`` retrains from. Without it (``label-holdout = 0``) the latest model plays every role. The selection is
+held in memory: a resumed run starts it afresh.
+
 Privacy: each client privatizes every label once (client side, :mod:`client.label_dp`), so the ledger charges
 each client ε_label exactly once, unit ``label``, at the first training message it is sent — before the
 noisy labels can leave in an update. ``rr`` is charged as RR with K buckets; ``rr-prior`` as binary RR with
@@ -37,7 +45,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -77,6 +85,8 @@ class LabelDpConsensus(StrategyWrapper):
         Where retraining starts.
     initial_arrays : ArrayRecord
         The initial model (for ``scratch``).
+    holdout : float
+        Share of each client's stage-1 data held out to score the noisy phase's models (0: no selection).
     """
 
     list_metrics = frozenset({"label-counts"})  # the one list-valued metric a reply may carry (K counts)
@@ -94,6 +104,7 @@ class LabelDpConsensus(StrategyWrapper):
         consensus: bool,
         retrain: str,
         initial_arrays: ArrayRecord,
+        holdout: float = 0.0,
         query_timeout: float = 120.0,
     ) -> None:
         super().__init__(strategy)
@@ -108,11 +119,15 @@ class LabelDpConsensus(StrategyWrapper):
         self.label = (RRWithPrior if mechanism == "rr-prior" else RandomizedResponse)(epsilon, num_classes)
         self.epsilon, self.num_classes, self.mechanism = epsilon, num_classes, mechanism
         self.consensus, self.retrain, self.initial = consensus, retrain, initial_arrays
-        self.query_timeout = query_timeout
+        if not 0.0 <= holdout <= 0.5:
+            raise ValueError(f"label-holdout: expected a share in [0, 0.5], got {holdout!r}")
+        self.holdout, self.query_timeout = holdout, query_timeout
         self.info: dict[int, ClientInfo] = {}
         self.charged: set[int] = set()  # nodes whose labels are on the ledger (a usable reply came back)
         self.filtered: set[int] = set()  # nodes that did the consensus step
         self._consensus_arrays: ArrayRecord | None = None
+        self.best: tuple[float, int, ArrayRecord] | None = None  # (estimated accuracy, round, model) so far
+        self._scored: tuple[int, ArrayRecord] | None = None  # the model being scored this round
         self._plans: dict[int, PlannedRelease] = {}
 
     # -- schedule ---------------------------------------------------------------------------------------------
@@ -128,10 +143,11 @@ class LabelDpConsensus(StrategyWrapper):
     ) -> Iterable[Message]:
         phase, stage = self.phase(server_round)
         send = arrays
+        selected = self.best[2] if self.best is not None else arrays  # the best-scoring model, else the latest
         if phase == "retrain" and self._consensus_arrays is None:
-            self._consensus_arrays = arrays  # the noisy phase's final model judges the labels
-            if self.retrain == "scratch":
-                send = self.initial
+            self._consensus_arrays = selected  # the noisy phase's (selected) model judges the labels
+            send = self.initial if self.retrain == "scratch" else selected
+        new_stage = phase == "noisy" and stage > 1 and self.phase(server_round - 1)[1] < stage
         messages = list(self.strategy.configure_train(server_round, send, config, grid))
         query_clients(grid, [m.metadata.dst_node_id for m in messages], config, self.info, self.query_timeout,
                       "label-dp")
@@ -145,6 +161,8 @@ class LabelDpConsensus(StrategyWrapper):
                 "label-stages": self.stages, "label-epsilon": self.epsilon, "label-mechanism": self.mechanism,
             })
             content = RecordDict({"arrays": msg.content["arrays"], "config": cfg})
+            if new_stage and selected is not arrays:
+                content["prior-arrays"] = selected  # this stage's prior: the best-scoring model
             if phase == "retrain" and node not in self.filtered and send is not self._consensus_arrays:
                 content["consensus-arrays"] = self._consensus_arrays  # judge with the noisy phase's model
             out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type))
@@ -204,6 +222,42 @@ class LabelDpConsensus(StrategyWrapper):
             metrics.update({k.replace("_", "-"): v for k, v in row.items() if k != "round"})
         return arrays, metrics
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Score the new global model on the held-out RR labels (noisy phase, ``holdout`` > 0); nothing else:
+        a federated evaluation on the clients' true labels would release them without accounting."""
+        if self.holdout <= 0 or self.phase(server_round)[0] != "noisy" or not self.charged:
+            return []
+        self._scored = (server_round, arrays)
+        cfg = ConfigRecord({**dict(config), "client-task": "label-dp", "label-epsilon": self.epsilon,
+                            "server-round": server_round})
+        return [Message(content=RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=node,
+                        message_type=MessageType.EVALUATE, group_id=str(server_round))
+                for node in sorted(self.charged)]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Accuracy estimate of the scored model from the pooled agreement counts; keeps the best model."""
+        size = agree = 0
+        for reply in replies:
+            if reply.has_error():
+                continue
+            m = next(iter(reply.content.metric_records.values()), {})
+            n, k = m.get("holdout-size"), m.get("holdout-agree")
+            if not (_count(n) and _count(k) and k <= n):
+                logger.warning("label-dp: rejected the holdout counts of node %d: expected integers 0 <= "
+                               "holdout-agree <= holdout-size, got %r and %r", reply.metadata.src_node_id, k, n)
+                continue
+            size, agree = size + n, agree + k
+        if self._scored is None or self._scored[0] != server_round or size == 0:
+            return None
+        # the held-out labels are stage 1's, plain RR outputs, whatever the mechanism of later stages
+        estimate = RandomizedResponse(self.epsilon, self.num_classes).estimate_accuracy(agree / size)
+        if self.best is None or estimate > self.best[0]:
+            self.best = (estimate, server_round, self._scored[1])
+        return MetricRecord({"holdout-size": size, "holdout-agreement": agree / size,
+                             "holdout-accuracy": estimate, "selected-round": self.best[1]})
+
     def _phase_metrics(self, server_round: int, phase: str, stage: int, replies: list[Message]) -> dict[str, Any]:
         ms = [r.content.metric_records["metrics"] for r in replies]
 
@@ -229,6 +283,9 @@ class LabelDpConsensus(StrategyWrapper):
             "noisy_phase": {"rounds": self.noisy_rounds, "test_accuracy": noisy_last.get("test_accuracy", math.nan),
                             "noisy_label_accuracy": noisy_last.get("noisy_label_accuracy")},
         }
+        if self.holdout > 0:
+            scored = [r for r in rows if r.get("federated_holdout_accuracy") is not None]
+            out["noisy_phase"]["selected_round"] = scored[-1]["federated_selected_round"] if scored else None
         if self.consensus:
             last = rows[-1] if rows and rows[-1]["round"] > self.noisy_rounds else {}
             out["retrain_phase"] = {

@@ -131,3 +131,44 @@ def test_rr_prior_uses_the_denoised_softmax(data: ClientData, prior: str, monkey
     expected = RandomizedResponse(1.0, 10).denoise(q) if prior == "denoised" else q
     (got,) = priors
     np.testing.assert_allclose(got, expected / expected.sum(1, keepdims=True), atol=1e-12)
+
+
+def test_holdout_is_left_out_of_noisy_training_and_scored_against_rr_labels(data: ClientData) -> None:
+    from client.label_dp import label_dp_evaluate
+
+    model = build_model("mlp", 8, 10, seed=0)
+    arrays = ArrayRecord(model.state_dict())
+    c = cfg(**{"label-holdout": 0.2})
+    state = RecordDict()
+    assert dict(label_dp_evaluate(message(arrays, c), c, data, state)["metrics"]) == {
+        "holdout-size": 0, "holdout-agree": 0, "num-examples": 0}  # nothing privatized yet: nothing to score
+    reply = label_dp_fit(message(arrays, c), c, data, seed=1, state=state, rr_seed=5, diagnostics=True)
+    held = state.array_records[STATE_KEY]["holdout"].numpy().astype(bool)
+    assert held.sum() == 80 and reply["metrics"]["num-examples"] == len(data.y) - 80  # trained on the rest
+    m = label_dp_evaluate(message(reply["arrays"], c), c, data, state)["metrics"]
+    trained = build_model("mlp", 8, 10)
+    trained.load_state_dict(reply["arrays"].to_torch_state_dict())
+    agree = (predict_proba(trained, data.x[held]).argmax(1) == noisy_of(state)[held]).sum()
+    assert (m["holdout-size"], m["holdout-agree"]) == (80, agree)
+    # retraining: consensus runs over every labelled example, the held-out ones included
+    retrain = c | {"label-phase": "retrain"}
+    label_dp_fit(message(arrays, retrain, **{"consensus-arrays": arrays}), retrain, data, 2, state, 5, True)
+    kept = state.array_records[STATE_KEY]["kept"].numpy().astype(bool)
+    np.testing.assert_array_equal(kept, predict_proba(model, data.x).argmax(1) == noisy_of(state))
+    assert kept[held].any()
+
+
+def test_rr_prior_stage_takes_the_prior_the_server_selected(data: ClientData, monkeypatch: pytest.MonkeyPatch) -> None:
+    from privacy.mechanisms import RandomizedResponse, RRWithPrior
+
+    priors: list[np.ndarray] = []
+    real = RRWithPrior.apply
+    monkeypatch.setattr(RRWithPrior, "apply", lambda self, y, p, rng: priors.append(p) or real(self, y, p, rng))
+    latest, selected = build_model("mlp", 8, 10, seed=2), build_model("mlp", 8, 10, seed=3)
+    c = cfg(**{"label-mechanism": "rr-prior", "label-stages": 2, "label-stage": 2})
+    state = RecordDict()
+    msg = message(ArrayRecord(latest.state_dict()), c, **{"prior-arrays": ArrayRecord(selected.state_dict())})
+    label_dp_fit(msg, c, data, 1, state, 3, False)
+    stage2 = state.array_records[STATE_KEY]["stage"].numpy() == 2
+    expected = RandomizedResponse(1.0, 10).denoise(predict_proba(selected, data.x[stage2]))
+    np.testing.assert_allclose(priors[0], expected / expected.sum(1, keepdims=True), atol=1e-12)

@@ -81,6 +81,23 @@ def test_rr_denoise_inverts_the_transition_matrix(eps: float, k: int) -> None:
     with pytest.raises(ValueError, match=rf"noisy_proba must have shape \(K,\) or \(n, K\) with K={k}"):
         rr.denoise(np.ones(k + 1) / (k + 1))
 
+
+@pytest.mark.parametrize(("eps", "k"), [(1.0, 10), (2.0, 3)])
+def test_rr_accuracy_estimate_from_agreement_is_unbiased(eps: float, k: int) -> None:
+    """A classifier right w.p. acc on examples whose RR labels it never saw: its agreement with those labels,
+    inverted through RR's channel, recovers acc within 4 standard errors (statistical, fixed seed)."""
+    rng, rr, n = np.random.default_rng(0), RandomizedResponse(eps, k), 200_000
+    a, b = rr.keep_probability, rr.flip_probability
+    assert b == pytest.approx((1 - a) / (k - 1)) and rr.estimate_accuracy(b) == 0.0 and rr.estimate_accuracy(a) == 1.0
+    for acc in (0.2, 0.55, 0.9):
+        y = rng.integers(0, k, n)
+        pred = np.where(rng.random(n) < acc, y, (y + rng.integers(1, k, n)) % k)  # right w.p. acc, else any other
+        agreement = float((pred == rr.apply(y, rng)).mean())
+        se = math.sqrt(agreement * (1 - agreement) / n) / (a - b)
+        assert abs(rr.estimate_accuracy(agreement) - acc) < 4 * se, acc
+    with pytest.raises(ValueError, match=r"agreement must be a rate in \[0, 1\], got 1.5"):
+        rr.estimate_accuracy(1.5)
+
 @settings(max_examples=60, deadline=None)
 @given(
     eps=st.floats(0.05, 6.0),

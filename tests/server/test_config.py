@@ -95,3 +95,17 @@ def test_config_error_survives_pickling() -> None:
     err = pickle.loads(pickle.dumps(ConfigError(["lr: expected > 0, got -1", "num-rounds: expected >= 1, got 0"])))
     assert err.errors == ["lr: expected > 0, got -1", "num-rounds: expected >= 1, got 0"]
     assert str(err) == "lr: expected > 0, got -1\nnum-rounds: expected >= 1, got 0"
+
+
+@pytest.mark.parametrize("private", [{"strategy": "label-dp"}, {"dp": "dpsgd"}, {"dp": "dpfedavg"}])
+def test_federated_evaluation_is_refused_where_it_would_release_private_data(private: dict) -> None:
+    with pytest.raises(ConfigError, match=r"^fraction-evaluate: federated evaluation reports metrics computed on the "
+                                          r"clients' private data, .* got 0.5$"):
+        resolve_config(private | {"fraction-evaluate": 0.5})
+    assert resolve_config({"fraction-evaluate": 0.5}).fraction_evaluate == 0.5  # a non-private run may
+
+
+def test_label_holdout_is_a_share_up_to_a_half() -> None:
+    assert resolve_config({"strategy": "label-dp", "label-holdout": "0.1"}).label_holdout == 0.1
+    with pytest.raises(ConfigError, match=r"^label-holdout: expected a value >= 0 and <= 0.5, got 0.7$"):
+        resolve_config({"strategy": "label-dp", "label-holdout": 0.7})

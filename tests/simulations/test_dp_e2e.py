@@ -77,10 +77,12 @@ def test_central_dpfedavg_charges_every_user_each_round(tmp_path) -> None:
     assert all(r["clients"] == 3 for r in rows_of(tmp_path))
 
 
-@pytest.mark.parametrize(("mechanism", "retrain"), [("rr", "continue"), ("rr-prior", "scratch")])
-def test_label_dp_charges_each_client_once_across_phases(tmp_path, mechanism: str, retrain: str) -> None:
+@pytest.mark.parametrize(("mechanism", "retrain", "holdout"), [("rr", "continue", 0.0), ("rr-prior", "scratch", 0.2)])
+def test_label_dp_charges_each_client_once_across_phases(tmp_path, mechanism: str, retrain: str,
+                                                         holdout: float) -> None:
     cfg = resolve("digits-labeldp", {"num-rounds": 4, "retrain-rounds": 2, "num-clients": 3, "local-epochs": 1,
-                                     "label-epsilon": 2.0, "label-mechanism": mechanism, "retrain": retrain})
+                                     "label-epsilon": 2.0, "label-mechanism": mechanism, "retrain": retrain,
+                                     "label-holdout": holdout})
     summary = simulate(cfg, tmp_path)
     with Ledger(tmp_path / "ledger.sqlite", create=False) as led:
         releases = led.releases()
@@ -95,6 +97,11 @@ def test_label_dp_charges_each_client_once_across_phases(tmp_path, mechanism: st
     assert [r["label_retrain"] for r in rows] == [0, 0, 1, 1]
     if mechanism == "rr-prior":
         assert [r["label_stage"] for r in rows] == [1, 2, 2, 2]
+    # With held-out labels every noisy round's model is scored in a federated evaluation (RR labels only, so no
+    # further ledger row); the selection is reported. Without, no federated evaluation runs.
+    scored = [r.get("federated_holdout_size", 0) for r in rows]
+    assert scored == ([scored[0]] * 2 + [0, 0] if holdout else [0] * 4) and (scored[0] > 0) == (holdout > 0)
+    assert (phases["noisy_phase"].get("selected_round") in (1, 2)) == (holdout > 0)
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "audit", str(tmp_path), "--format", "json"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from privacy.mechanisms import RandomizedResponse, pure_dp_event
 from strategies.clients import ClientInfo
@@ -59,3 +59,67 @@ def test_malformed_label_replies_are_rejected(metrics: dict, reason: str) -> Non
     s.info[7] = ClientInfo("c7", 10)
     assert s.validate_reply(reply(), REF, 7) is None
     assert s.validate_reply(reply(**metrics), REF, 7) == reason
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a ServerApp process has set when a strategy builds messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+class _Grid:
+    """The two nodes a FedAvg round samples (no messages are sent: the nodes' sizes are known)."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2]
+
+
+def _arrays(value: float) -> ArrayRecord:
+    return ArrayRecord(array_dict={"w": Array(np.full((3, 2), value, np.float32))})
+
+
+def _counts(node: int, size: object, agree: object) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"holdout-size": size, "holdout-agree": agree, "num-examples": 1})})
+    md = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"e{node}",
+                  group_id="", created_at=0.0, ttl=60.0, message_type="evaluate")
+    return Message(content=content, metadata=md)
+
+
+def test_holdout_selects_the_best_model_for_prior_and_judge() -> None:
+    s = strategy(mechanism="rr-prior", stages=2, num_rounds=6, retrain_rounds=2, holdout=0.1, num_classes=3)
+    s.info = {1: ClientInfo("a", 10), 2: ClientInfo("b", 10)}
+    models = {r: _arrays(r) for r in range(1, 5)}
+    assert list(s.configure_evaluate(1, models[1], ConfigRecord(), _Grid())) == []  # nobody holds labels yet
+    s.charged = {1, 2}
+    for rnd, agree in ((1, 5), (2, 9), (3, 6), (4, 7)):  # round 2's model agrees most with the held-out labels
+        msgs = list(s.configure_evaluate(rnd, models[rnd], ConfigRecord(), _Grid()))
+        assert [m.metadata.dst_node_id for m in msgs] == [1, 2]
+        assert all(m.content["config"]["client-task"] == "label-dp" for m in msgs)
+        # a malformed count is rejected with a logged reason; the estimate uses the other node
+        got = s.aggregate_evaluate(rnd, [_counts(1, 10, agree), _counts(2, 3, 4)])
+        assert got["holdout-size"] == 10 and got["holdout-agreement"] == agree / 10
+        if rnd == 2:  # stage 2 starts at round 3: its prior is the best model scored so far (round 2's)
+            msgs = list(s.configure_train(3, models[2], ConfigRecord(), _Grid()))
+            assert all("prior-arrays" not in m.content for m in msgs)  # the latest model is the best one
+    assert s.best is not None and s.best[1] == 2 and got["selected-round"] == 2
+    a = RandomizedResponse(1.0, 3).keep_probability
+    assert s.best[0] == pytest.approx((0.9 - (1 - a) / 2) / (a - (1 - a) / 2))
+    # the first retraining round continues from, and judges with, the selected model, not the latest
+    (msg, _) = s.configure_train(5, models[4], ConfigRecord(), _Grid())
+    assert msg.content["arrays"] is models[2]
+    assert list(s.configure_evaluate(5, models[4], ConfigRecord(), _Grid())) == []  # retraining: no scoring
+
+
+def test_stage_prior_is_the_selected_model_when_the_latest_scores_lower() -> None:
+    s = strategy(mechanism="rr-prior", stages=2, num_rounds=6, retrain_rounds=2, holdout=0.1, num_classes=3)
+    s.info, s.charged = {1: ClientInfo("a", 10), 2: ClientInfo("b", 10)}, {1, 2}
+    first, second = _arrays(1), _arrays(2)
+    for rnd, model, agree in ((1, first, 9), (2, second, 4)):
+        list(s.configure_evaluate(rnd, model, ConfigRecord(), _Grid()))
+        s.aggregate_evaluate(rnd, [_counts(1, 10, agree)])
+    msgs = list(s.configure_train(3, second, ConfigRecord(), _Grid()))
+    assert all(m.content["prior-arrays"] is first and m.content["arrays"] is second for m in msgs)
+    assert all("prior-arrays" not in m.content for m in s.configure_train(4, second, ConfigRecord(), _Grid()))
