@@ -23,11 +23,11 @@ from flwr.serverapp.strategy import Strategy
 from privacy.budget import BudgetPolicy
 from privacy.ledger import Ledger
 from privacy.mechanisms import calibrate_gaussian
-from server.config import RunConfig
+from server.config import RunConfig, privacy_mode
 from server.histogram import run_histogram
 from server.loop import RunFailed, run_rounds, wait_for_nodes
 from server.lora import LoraBase, balance_adapters, initial_adapters, lora_model, prepare_base
-from server.privacy import PRIVACY_UNIT, open_ledger, privacy_epsilons, privacy_mode, privacy_summary
+from server.privacy import PRIVACY_UNIT, open_ledger, privacy_epsilons, privacy_summary
 from server.rundir import RunDir
 from server.setup import ServerSetup, TestData
 from strategies.budget_guard import LedgerGuard

@@ -294,6 +294,13 @@ def resolve_config(
     return cfg
 
 
+def privacy_mode(cfg: RunConfig) -> str | None:
+    """What makes the run private ("dpsgd", "dpfedavg", "feddm-dp", "label-dp", "histogram"), or None."""
+    if cfg.strategy in ("label-dp", "histogram"):
+        return cfg.strategy
+    return None if cfg.dp == "none" else cfg.dp
+
+
 def cross_checks(cfg: RunConfig) -> list[str]:
     """Errors that involve more than one key."""
     errors = []
@@ -308,8 +315,7 @@ def cross_checks(cfg: RunConfig) -> list[str]:
                           f"round), got {cfg.retrain_rounds}")
         elif noisy < stages:
             errors.append(f"label-stages: expected at most {noisy} (rounds of the noisy phase), got {stages}")
-    private = cfg.strategy in ("label-dp", "histogram") or cfg.dp != "none"
-    if private and cfg.fraction_evaluate > 0:
+    if privacy_mode(cfg) is not None and cfg.fraction_evaluate > 0:
         errors.append(f"fraction-evaluate: federated evaluation reports metrics computed on the clients' private "
                       f"data, which no privacy mechanism of this run covers; expected 0 with strategy="
                       f"{cfg.strategy!r}, dp={cfg.dp!r}, got {cfg.fraction_evaluate:g}")

@@ -6,18 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from privacy.ledger import Ledger
-from server.config import RunConfig
+from server.config import RunConfig, privacy_mode
 from server.rundir import RunDir
 
 PRIVACY_UNIT = {"dpsgd": "example", "dpfedavg": "user", "label-dp": "label", "histogram": "user",
                 "feddm-dp": "example"}
-
-
-def privacy_mode(cfg: RunConfig) -> str | None:
-    """What makes the run private ("dpsgd", "dpfedavg", "label-dp", "histogram"), or None for a non-private run."""
-    if cfg.strategy in ("label-dp", "histogram"):
-        return cfg.strategy
-    return None if cfg.dp == "none" else cfg.dp
 
 
 def open_ledger(cfg: RunConfig, run_dir: RunDir) -> tuple[Ledger | None, str]:
