@@ -68,17 +68,35 @@ every formula uses, so the products are gathered in partner order once. A step c
 the factors, two bmms per side, and two batched r×r eigendecompositions; its fixed cost is about 60 small
 batched r×r ops (on a CPU each costs ~10 µs of dispatch, so fewer, larger buckets are cheaper).
 
-This module imports torch only.
+CPU kernel. On a CPU that batched route is bound by dispatch and by GEMMs with an inner dimension of r or 2r,
+which BLAS runs far below peak. ``implementation="fused"`` (the default on CPUs, ``"auto"``) runs the whole
+step in one C call per bucket instead (kernels/lora_rite_cpu.c, compiled at first use by
+:mod:`kernels.cbuild` for the pair's rank and dtype): three passes per pair (Grams; r×r algebra in float64 with a
+Jacobi eigensolver; the moment/factor update), with the per-parameter state tensors as its storage. The
+batched torch route is its reference (tests/kernels/test_lora_rite_cpu.py) and is used on GPUs, for other
+dtypes, for ranks above 32, and where no C compiler is available.
+
+This module imports torch (and the standard library) only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from kernels import cbuild
+
 __all__ = ["LoRARITE", "make_fused_adamw"]
+
+IMPLEMENTATIONS = ("auto", "fused", "torch")
+FUSED_MAX_RANK = 32  # the C kernel keeps r×r×8 accumulators on the stack
+_C_TYPES = {torch.float32: "float", torch.float64: "double"}
+_warned: set[str] = set()
 
 
 def make_fused_adamw(
@@ -150,6 +168,63 @@ def _escaped_mass(lam_old: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -
 
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "escaped", "history", "prev_rinv")
+
+
+def _fused_library(rank: int, dtype: torch.dtype) -> tuple[Any, str]:
+    """The C kernel for this rank and dtype (compiled at first use) and ``""``, or ``None`` and why not."""
+    itemsize = torch.finfo(dtype).bits // 8
+    lanes = math.gcd(rank, 32 // itemsize)  # a row of B as vectors of ≤ 32 bytes
+    lib, why = cbuild.load("lora_rite_cpu.c", (("RANK", str(rank)), ("REAL", _C_TYPES[dtype]), ("TLANES", str(lanes))))
+    if lib is not None and lib.lora_rite_step.argtypes is None:
+        lib.lora_rite_step.argtypes = ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                                       + [ctypes.c_double] * 6)
+        lib.lora_rite_step.restype = ctypes.c_int
+    return lib, why
+
+
+def _fused_unsupported(pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]) -> str:
+    """Why the C kernel does not apply to this bucket, or ``""``."""
+    a = pairs[0][0]
+    if a.device.type != "cpu":
+        return f"the CPU kernel does not run on {a.device.type} tensors"
+    if a.dtype not in _C_TYPES:
+        return f"the CPU kernel handles float32 and float64 factors, got {a.dtype}"
+    if not a.shape[0] <= FUSED_MAX_RANK:
+        return f"the CPU kernel handles ranks up to {FUSED_MAX_RANK}, got {a.shape[0]}"
+    return ""
+
+
+class _FusedBucket:
+    """Pointer table of N LoRA pairs for the C kernel: 16 int64 addresses per pair (see lora_rite_cpu.c).
+
+    The state columns (4..15) are filled once; the parameters' and gradients' columns (0..3) every step. The
+    per-parameter state tensors are the kernel's storage (made contiguous, in the dtypes the kernel expects,
+    when the bucket is built)."""
+
+    def __init__(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+        n = len(params) // 2
+        wide = params[0].dtype
+        dtypes = {"step": torch.float32, "exp_avg": wide, "history": wide, "exp_avg_sq": torch.float64,
+                  "escaped": torch.float64, "prev_rinv": torch.float64}
+        for st in states:
+            for key, dtype in dtypes.items():
+                value = st[key]
+                if value.dtype != dtype or not value.is_contiguous() or value.device.type != "cpu":
+                    st[key] = value.to(device="cpu", dtype=dtype, memory_format=torch.contiguous_format,
+                                       copy=True)
+        self.table = torch.zeros(n, 16, dtype=torch.int64)
+        order = ("step", "exp_avg", "exp_avg_sq", "escaped", "history", "prev_rinv")
+        self.table[:, 4:] = torch.tensor(
+            [[states[side * n + i][key].data_ptr() for side in (0, 1) for key in order] for i in range(n)],
+            dtype=torch.int64)
+        self.views = [st["exp_avg_sq"] for st in states]
+        # eigenvalues of each V as the kernel's last eigendecomposition left them (recomputed on the first step)
+        self.lam = torch.zeros(2 * n, params[0].shape[0], dtype=torch.float64)
+        self.lam_known = 0
+
+    def owns(self, states: list[dict[str, Any]]) -> bool:
+        return len(states) == len(self.views) and all(
+            st.get("exp_avg_sq") is view for st, view in zip(states, self.views, strict=True))
 
 
 class _Bucket:
@@ -248,6 +323,11 @@ class LoRARITE(torch.optim.Optimizer):
         Added to the square roots of the preconditioner's eigenvalues (> 0).
     weight_decay : float
         Decoupled weight decay: both factors are multiplied by ``1 - lr·weight_decay`` each step.
+    implementation : {"auto", "fused", "torch"}
+        ``"fused"``: the C kernel for CPU pairs of float32/float64 factors with rank ≤ 32 (an error where it
+        cannot be built or does not apply); ``"torch"``: the batched torch route everywhere; ``"auto"``: the
+        kernel where it applies and builds, else (with one warning if the build failed) the torch route. The
+        routes agree to rounding and share the state format, so a state_dict moves between them.
 
     Notes
     -----
@@ -270,7 +350,10 @@ class LoRARITE(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        implementation: str = "auto",
     ) -> None:
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation: expected one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}")
         if not lr >= 0.0:
             raise ValueError(f"lr: must be >= 0, got {lr}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -285,12 +368,16 @@ class LoRARITE(torch.optim.Optimizer):
                 raise ValueError(f"params: a flat list must alternate A, B factors, got {len(items)} tensors")
             items = [{"params": [items[i], items[i + 1]]} for i in range(0, len(items), 2)]
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        self.implementation = implementation
         self._buckets: dict[tuple[int, ...], _Bucket] = {}
+        self._fused_buckets: dict[tuple[int, ...], _FusedBucket] = {}
         super().__init__(items, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_buckets", {})
+        self.__dict__.setdefault("_fused_buckets", {})
+        self.__dict__.setdefault("implementation", "auto")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
@@ -319,6 +406,7 @@ class LoRARITE(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.detach().to(device=p.device, copy=True)
         self._buckets.clear()
+        self._fused_buckets.clear()
 
     def _init_state(self, a: torch.Tensor, b: torch.Tensor) -> None:
         r = a.shape[0]
@@ -354,8 +442,68 @@ class LoRARITE(torch.optim.Optimizer):
                    float(group["weight_decay"]))
             buckets.setdefault(key, []).append((a, b, group))
         for pairs in buckets.values():
-            self._step_bucket(pairs)
+            lib = self._kernel(pairs)
+            if lib is None:
+                self._step_bucket(pairs)
+            else:
+                self._step_fused(pairs, lib)
         return loss
+
+    def _kernel(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]) -> Any:
+        """The C kernel for this bucket, or None for the torch route (see ``implementation``)."""
+        if self.implementation == "torch":
+            return None
+        why = _fused_unsupported(pairs)
+        lib = None
+        if not why:
+            a = pairs[0][0]
+            lib, why = _fused_library(a.shape[0], a.dtype)
+            if lib is None and self.implementation == "auto" and why not in _warned:
+                _warned.add(why)
+                warnings.warn(f"LoRA-RITE: the CPU kernel could not be built ({why}); using the slower torch "
+                              "route", RuntimeWarning, stacklevel=3)
+        if lib is None and self.implementation == "fused":
+            raise RuntimeError(f"implementation: 'fused' LoRA-RITE is unavailable: {why}")
+        return lib
+
+    def _step_fused(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]], lib: Any) -> None:
+        """One step of the C kernel for N pairs of equal shapes and hyper-parameters (see lora_rite_cpu.c)."""
+        group = pairs[0][2]
+        (beta1, beta2), dtype = group["betas"], pairs[0][0].dtype
+        params = [a for a, _, _ in pairs] + [b for _, b, _ in pairs]
+        states = [self.state[p] for p in params]
+        n = len(pairs)
+        for i, (a, b, _) in enumerate(pairs):
+            if "history" not in states[i] or "history" not in states[n + i]:
+                self._init_state(a, b)
+        key = tuple(id(p) for p in params)
+        bucket = self._fused_buckets.get(key)
+        if bucket is None or not bucket.owns(states):
+            for other in [k for k in self._fused_buckets if set(key).intersection(k)]:
+                del self._fused_buckets[other]
+            bucket = self._fused_buckets[key] = _FusedBucket(params, states)
+        operands = []  # contiguous, in the factors' dtype; they must outlive the call
+        strided = []  # (factor, its contiguous copy): the kernel updates the copy, which is copied back
+        addresses = []
+        for a, b, _ in pairs:
+            xs = []
+            for x in (a, b):
+                if not x.is_contiguous():
+                    strided.append((x, x.contiguous()))
+                    x = strided[-1][1]
+                xs.append(x)
+            ga, gb = (g if g.is_contiguous() and g.dtype == dtype else g.to(dtype).contiguous()
+                      for g in (a.grad, b.grad))
+            operands += (ga, gb)
+            addresses += (xs[0].data_ptr(), xs[1].data_ptr(), ga.data_ptr(), gb.data_ptr())
+        bucket.table[:, :4] = torch.tensor(addresses, dtype=torch.int64).view(n, 4)
+        n_in = pairs[0][0].shape[1]
+        lib.lora_rite_step(n, n_in, pairs[0][1].shape[0], bucket.table.data_ptr(), bucket.lam.data_ptr(),
+                           bucket.lam_known, float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                           float(group["weight_decay"]), 10 * torch.finfo(dtype).eps)
+        bucket.lam_known = 1
+        for x, copy in strided:
+            x.copy_(copy)
 
     def _bucket(self, params: list[torch.Tensor], states: list[dict[str, Any]], state_dtype: torch.dtype) -> _Bucket:
         key = tuple(id(p) for p in params)

@@ -1,8 +1,10 @@
-"""LoRA-RITE: transformation invariance (vs Adam), state_dict round trip, convergence, validation."""
+"""LoRA-RITE: transformation invariance (vs Adam), state_dict round trip, convergence, validation — each for both
+implementations (the batched torch route and the fused C kernel, see test_lora_rite_cpu.py for their agreement)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from kernels.lora_rite import LoRARITE, _escaped_mass, make_fused_adamw
 
 OUT, IN, R = 12, 10, 3
+IMPLEMENTATIONS = ["torch", "fused"]
 
 
 def _problem(dtype: torch.dtype = torch.float64, seed: int = 0):
@@ -40,8 +43,8 @@ def _trajectory(make_opt, loss, b, a, steps: int) -> list[torch.Tensor]:
     return products
 
 
-def _rite(a: torch.Tensor, b: torch.Tensor) -> torch.optim.Optimizer:
-    return LoRARITE([{"params": [a, b]}], lr=0.05, weight_decay=0.1)
+def _rite(a: torch.Tensor, b: torch.Tensor, implementation: str = "auto") -> torch.optim.Optimizer:
+    return LoRARITE([{"params": [a, b]}], lr=0.05, weight_decay=0.1, implementation=implementation)
 
 
 def _adam(a: torch.Tensor, b: torch.Tensor) -> torch.optim.Optimizer:
@@ -57,13 +60,15 @@ def _transform(b: torch.Tensor, a: torch.Tensor, seed: int) -> tuple[torch.Tenso
     return b @ s, torch.linalg.solve(s, a)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("seed", [1, 2])
-def test_lora_rite_updates_are_invariant_and_adams_are_not(seed: int) -> None:
+def test_lora_rite_updates_are_invariant_and_adams_are_not(seed: int, implementation: str) -> None:
     loss, b, a = _problem()
     b2, a2 = _transform(b, a, seed)
     torch.testing.assert_close(b2 @ a2, b @ a)  # the same W, factored differently
     w0 = b @ a
-    rite, rite2 = _trajectory(_rite, loss, b, a, 4), _trajectory(_rite, loss, b2, a2, 4)
+    rite_ = functools.partial(_rite, implementation=implementation)
+    rite, rite2 = _trajectory(rite_, loss, b, a, 4), _trajectory(rite_, loss, b2, a2, 4)
     adam, adam2 = _trajectory(_adam, loss, b, a, 4), _trajectory(_adam, loss, b2, a2, 4)
     for step in range(4):
         moved = (rite[step] - w0).abs().max()
@@ -73,21 +78,24 @@ def test_lora_rite_updates_are_invariant_and_adams_are_not(seed: int) -> None:
         assert (adam[step] - adam2[step]).abs().max() > 0.1 * adam_moved  # Adam's ΔW depends on the factoring
 
 
-def test_invariance_holds_from_the_standard_zero_init_of_b() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_invariance_holds_from_the_standard_zero_init_of_b(implementation: str) -> None:
     loss, _, a = _problem(seed=3)
     b = torch.zeros(OUT, R, dtype=torch.float64)  # LoRA init: B = 0 (singular Gram: pseudo-inverse path)
     b2, a2 = _transform(b, a, seed=4)
-    rite, rite2 = _trajectory(_rite, loss, b, a, 5), _trajectory(_rite, loss, b2, a2, 5)
+    rite_ = functools.partial(_rite, implementation=implementation)
+    rite, rite2 = _trajectory(rite_, loss, b, a, 5), _trajectory(rite_, loss, b2, a2, 5)
     for w, w2 in zip(rite, rite2, strict=True):
         assert w.abs().max() > 1e-3
         torch.testing.assert_close(w, w2, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_state_dict_round_trip_gives_identical_next_step(dtype: torch.dtype) -> None:
+def test_state_dict_round_trip_gives_identical_next_step(dtype: torch.dtype, implementation: str) -> None:
     loss, b, a = _problem(dtype)
     b, a = b.requires_grad_(), a.requires_grad_()
-    opt = LoRARITE([{"params": [a, b]}], lr=0.05, weight_decay=0.01)
+    opt = LoRARITE([{"params": [a, b]}], lr=0.05, weight_decay=0.01, implementation=implementation)
     for _ in range(2):
         opt.zero_grad()
         loss(b, a).backward()
@@ -101,7 +109,7 @@ def test_state_dict_round_trip_gives_identical_next_step(dtype: torch.dtype) -> 
     expected = (b.detach().clone(), a.detach().clone())
 
     b2, a2 = (t.clone().requires_grad_() for t in saved_params)
-    fresh = LoRARITE([{"params": [a2, b2]}], lr=0.05, weight_decay=0.01)
+    fresh = LoRARITE([{"params": [a2, b2]}], lr=0.05, weight_decay=0.01, implementation=implementation)
     fresh.load_state_dict(saved)
     assert fresh.state[a2]["exp_avg_sq"].dtype == torch.float64  # not rounded to the parameter dtype
     loss(b2, a2).backward()
@@ -156,13 +164,14 @@ def test_escaped_mass_accumulates_when_the_spans_rotate() -> None:
     assert all(math.isfinite(x) and x >= 0 for x in rho) and max(rho) > 0
 
 
-def test_many_pairs_with_different_shapes_and_missing_grads() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_many_pairs_with_different_shapes_and_missing_grads(implementation: str) -> None:
     torch.manual_seed(0)
     shapes = [(8, 6, 2), (8, 6, 2), (5, 5, 2), (7, 9, 3)]  # (out, in, r); in == out exercises the merged layout
     pairs = [(torch.randn(r, i, requires_grad=True), torch.randn(o, r, requires_grad=True)) for o, i, r in shapes]
     singles = [LoRARITE([{"params": [a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()]}],
-                        lr=0.01) for a, b in pairs]
-    batched = LoRARITE([{"params": [a, b]} for a, b in pairs], lr=0.01)
+                        lr=0.01, implementation=implementation) for a, b in pairs]
+    batched = LoRARITE([{"params": [a, b]} for a, b in pairs], lr=0.01, implementation=implementation)
     targets = [torch.randn(o, i) for o, i, _ in shapes]
     for step in range(3):
         batched.zero_grad()
@@ -201,6 +210,8 @@ def test_invalid_arguments() -> None:
         LoRARITE([{"params": [a, b, b]}])
     with pytest.raises(ValueError, match=r"^params: a flat list must alternate"):
         LoRARITE([a, b, a])
+    with pytest.raises(ValueError, match=r"^implementation: expected one of auto, fused, torch, got 'cuda'"):
+        LoRARITE([a, b], implementation="cuda")
 
 
 def test_make_fused_adamw_is_fused_on_cpu_and_steps_like_foreach() -> None:
@@ -286,9 +297,10 @@ def _reference_trajectory(pairs, grads_fn, steps: int, lr: float, wd: float, bet
     return out
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("zero_b", [False, True])
-def test_batched_implementation_matches_a_direct_transcription(zero_b: bool) -> None:
-    """The batched, layout-optimized step equals the textbook per-pair algorithm (float64, rounding level)."""
+def test_batched_implementation_matches_a_direct_transcription(zero_b: bool, implementation: str) -> None:
+    """Both layout-optimized steps equal the textbook per-pair algorithm (float64, rounding level)."""
     g = torch.Generator().manual_seed(7)
     shapes = [(7, 5, 3), (7, 5, 3), (6, 6, 2)]  # (out, in, r): a two-pair bucket with in != out, an in == out one
     pairs = [(torch.randn(r, i, generator=g, dtype=torch.float64),
@@ -308,7 +320,7 @@ def test_batched_implementation_matches_a_direct_transcription(zero_b: bool) -> 
     lr, wd = 0.05, 0.1
     expected = _reference_trajectory(pairs, grads_fn, 5, lr, wd)
     params = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b in pairs]
-    opt = LoRARITE([{"params": [a, b]} for a, b in params], lr=lr, weight_decay=wd)
+    opt = LoRARITE([{"params": [a, b]} for a, b in params], lr=lr, weight_decay=wd, implementation=implementation)
     for step in range(5):
         for (a, b), (ga, gb) in zip(params, grads_fn([(a.detach(), b.detach()) for a, b in params]), strict=True):
             a.grad, b.grad = ga, gb

@@ -1,0 +1,105 @@
+"""Compile a C kernel of this package at first use and load it with ctypes (the CPU analogue of Triton's JIT).
+
+A kernel is specialized by preprocessor constants (e.g. the LoRA rank and the element type), compiled with the
+system's C compiler (``$CC``, else ``cc``/``gcc``) for the host CPU (``-O3 -march=native``) and cached as a
+shared library under ``$FEDPRIV_KERNEL_CACHE`` (default ``~/.cache/fedpriv/kernels``), keyed by a hash of the
+source, the constants, the flags, the compiler's version and the CPU's feature flags — so a later process, e.g.
+a SuperNode's next ClientApp, loads it in about a millisecond. Several processes may build the same library at
+once: each writes its own temporary file and renames it into place.
+
+Where no compiler works (or the cache cannot be written) :func:`load` returns ``None`` and the reason, and
+callers fall back to their torch implementation. This module imports the standard library only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+__all__ = ["cache_dir", "load"]
+
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
+HERE = Path(__file__).resolve().parent
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$FEDPRIV_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/fedpriv/kernels``."""
+    env = os.environ.get("FEDPRIV_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedpriv" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+@functools.cache
+def _fingerprint(compiler: str) -> str:
+    """Compiler version and CPU features: a library built with -march=native is only valid on the same kind of CPU."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        cpu = platform.processor()
+    return f"{version}|{cpu}|{platform.machine()}|{platform.system()}"
+
+
+@functools.cache
+def load(source: str, defines: tuple[tuple[str, str], ...]) -> tuple[ctypes.CDLL | None, str]:
+    """Compile (or find in the cache) kernel ``source`` (a file name in this package) with ``-D`` ``defines``.
+
+    Returns
+    -------
+    (library, reason)
+        The loaded library and ``""``, or ``None`` and why it could not be built (for a log line).
+    """
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc)"
+    path = HERE / source
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        return None, f"kernel source {path} unreadable: {exc}"
+    args = [f"-D{k}={v}" for k, v in defines] + list(FLAGS)
+    key = hashlib.sha256(b"\0".join([text, " ".join(args).encode(), _fingerprint(compiler).encode()])).hexdigest()
+    target = cache_dir() / f"{path.stem}-{key[:24]}.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+        except OSError as exc:
+            return None, f"kernel cache {target.parent} not writable: {exc}"
+        try:
+            proc = subprocess.run([compiler, *args, str(path), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                  timeout=300)
+            if proc.returncode != 0:
+                return None, f"{compiler} failed on {path.name}: {proc.stderr.strip()[-500:]}"
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"{compiler} could not build {path.name}: {exc}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        return ctypes.CDLL(str(target)), ""
+    except OSError as exc:
+        return None, f"could not load {target}: {exc}"
