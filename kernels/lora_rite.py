@@ -69,12 +69,14 @@ the factors, two bmms per side, and two batched r×r eigendecompositions; its fi
 batched r×r ops (on a CPU each costs ~10 µs of dispatch, so fewer, larger buckets are cheaper).
 
 CPU kernel. On a CPU that batched route is bound by dispatch and by GEMMs with an inner dimension of r or 2r,
-which BLAS runs far below peak. ``implementation="fused"`` (the default on CPUs, ``"auto"``) runs the whole
-step in one C call per bucket instead (kernels/lora_rite_cpu.c, compiled at first use by
-:mod:`kernels.cbuild` for the pair's rank and dtype): three passes per pair (Grams; r×r algebra in float64 with a
-Jacobi eigensolver; the moment/factor update), with the per-parameter state tensors as its storage. The
-batched torch route is its reference (tests/kernels/test_lora_rite_cpu.py) and is used on GPUs, for other
-dtypes, for ranks above 32, and where no C compiler is available.
+which BLAS runs far below peak (12.5 ms a step for 48 pairs r = 8, d = 768 on this project's VM, 4.5× torch's
+fused AdamW). ``implementation="fused"`` (the default on CPUs, ``"auto"``) runs the whole step in one C call per
+bucket instead (kernels/lora_rite_cpu.c, compiled at first use by :mod:`kernels.cbuild` for the pairs' rank and
+dtype): per two pairs, a pass per factor for its Grams, the r×r algebra of the four factors in the lanes of one
+float64 vector (Jacobi eigensolver), and a pass per factor for the moment and factor update; the per-parameter
+state tensors are its storage (4.9 ms, 1.8× fused AdamW; benchmarks/README.md). The batched torch route is its
+reference (tests/kernels/test_lora_rite_cpu.py) and is used on GPUs, for other dtypes, for ranks above 32, and
+where no C compiler is available.
 
 This module imports torch (and the standard library) only.
 """
@@ -84,6 +86,7 @@ from __future__ import annotations
 import ctypes
 import math
 import warnings
+from array import array
 from collections.abc import Iterable
 from typing import Any
 
@@ -176,7 +179,7 @@ def _fused_library(rank: int, dtype: torch.dtype) -> tuple[Any, str]:
     lanes = math.gcd(rank, 32 // itemsize)  # a row of B as vectors of ≤ 32 bytes
     lib, why = cbuild.load("lora_rite_cpu.c", (("RANK", str(rank)), ("REAL", _C_TYPES[dtype]), ("TLANES", str(lanes))))
     if lib is not None and lib.lora_rite_step.argtypes is None:
-        lib.lora_rite_step.argtypes = ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+        lib.lora_rite_step.argtypes = ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
                                        + [ctypes.c_double] * 6)
         lib.lora_rite_step.restype = ctypes.c_int
     return lib, why
@@ -195,31 +198,34 @@ def _fused_unsupported(pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, A
 
 
 class _FusedBucket:
-    """Pointer table of N LoRA pairs for the C kernel: 16 int64 addresses per pair (see lora_rite_cpu.c).
+    """State addresses of N LoRA pairs for the C kernel: 12 int64 per pair (see lora_rite_cpu.c), filled once.
 
-    The state columns (4..15) are filled once; the parameters' and gradients' columns (0..3) every step. The
-    per-parameter state tensors are the kernel's storage (made contiguous, in the dtypes the kernel expects,
+    The per-parameter state tensors are the kernel's storage (made contiguous, in the dtypes the kernel expects,
     when the bucket is built)."""
 
     def __init__(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         n = len(params) // 2
+        r = params[0].shape[0]
         wide = params[0].dtype
-        dtypes = {"step": torch.float32, "exp_avg": wide, "history": wide, "exp_avg_sq": torch.float64,
-                  "escaped": torch.float64, "prev_rinv": torch.float64}
-        for st in states:
-            for key, dtype in dtypes.items():
+        for p, st in zip(params, states, strict=True):
+            expected = {"step": ((), torch.float32), "exp_avg": (p.shape, wide), "history": ((2, *p.shape), wide),
+                        "exp_avg_sq": ((r, r), torch.float64), "escaped": ((), torch.float64),
+                        "prev_rinv": ((r, r), torch.float64)}
+            for key, (shape, dtype) in expected.items():
                 value = st[key]
+                if tuple(value.shape) != tuple(shape):  # the kernel writes through raw pointers: never guess
+                    raise ValueError(f"state: '{key}' of a factor of shape {tuple(p.shape)} has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(shape)} (a state_dict of other params?)")
                 if value.dtype != dtype or not value.is_contiguous() or value.device.type != "cpu":
                     st[key] = value.to(device="cpu", dtype=dtype, memory_format=torch.contiguous_format,
                                        copy=True)
-        self.table = torch.zeros(n, 16, dtype=torch.int64)
         order = ("step", "exp_avg", "exp_avg_sq", "escaped", "history", "prev_rinv")
-        self.table[:, 4:] = torch.tensor(
+        self.state_table = torch.tensor(
             [[states[side * n + i][key].data_ptr() for side in (0, 1) for key in order] for i in range(n)],
             dtype=torch.int64)
         self.views = [st["exp_avg_sq"] for st in states]
         # eigenvalues of each V as the kernel's last eigendecomposition left them (recomputed on the first step)
-        self.lam = torch.zeros(2 * n, params[0].shape[0], dtype=torch.float64)
+        self.lam = torch.zeros(2 * n, r, dtype=torch.float64)
         self.lam_known = 0
 
     def owns(self, states: list[dict[str, Any]]) -> bool:
@@ -469,40 +475,44 @@ class LoRARITE(torch.optim.Optimizer):
     def _step_fused(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]], lib: Any) -> None:
         """One step of the C kernel for N pairs of equal shapes and hyper-parameters (see lora_rite_cpu.c)."""
         group = pairs[0][2]
-        (beta1, beta2), dtype = group["betas"], pairs[0][0].dtype
+        a0, b0 = pairs[0][0], pairs[0][1]
+        dtype, n = a0.dtype, len(pairs)
         params = [a for a, _, _ in pairs] + [b for _, b, _ in pairs]
         states = [self.state[p] for p in params]
-        n = len(pairs)
-        for i, (a, b, _) in enumerate(pairs):
-            if "history" not in states[i] or "history" not in states[n + i]:
-                self._init_state(a, b)
-        key = tuple(id(p) for p in params)
+        key = (a0.shape, b0.shape, *map(id, params))
         bucket = self._fused_buckets.get(key)
         if bucket is None or not bucket.owns(states):
-            for other in [k for k in self._fused_buckets if set(key).intersection(k)]:
+            for i, (a, b, _) in enumerate(pairs):
+                if "history" not in states[i] or "history" not in states[n + i]:  # the state is created whole
+                    self._init_state(a, b)
+            ids = set(key[2:])
+            for other in [k for k in self._fused_buckets if ids.intersection(k[2:])]:
                 del self._fused_buckets[other]
-            bucket = self._fused_buckets[key] = _FusedBucket(params, states)
-        operands = []  # contiguous, in the factors' dtype; they must outlive the call
-        strided = []  # (factor, its contiguous copy): the kernel updates the copy, which is copied back
-        addresses = []
+            bucket = self._fused_buckets[key] = _FusedBucket(params, [self.state[p] for p in params])
+        addresses = array("q")  # per pair: A, B, grad A, grad B (contiguous, in the factors' dtype)
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (strided factor, contiguous copy): copied back after
+        operands = []  # converted gradients: they must outlive the call
         for a, b, _ in pairs:
+            ga, gb = a.grad, b.grad
+            if (a.is_contiguous() and b.is_contiguous() and ga.is_contiguous() and gb.is_contiguous()
+                    and ga.dtype is dtype and gb.dtype is dtype):
+                addresses.extend((a.data_ptr(), b.data_ptr(), ga.data_ptr(), gb.data_ptr()))
+                continue
             xs = []
             for x in (a, b):
                 if not x.is_contiguous():
-                    strided.append((x, x.contiguous()))
-                    x = strided[-1][1]
+                    copies.append((x, x.contiguous()))
+                    x = copies[-1][1]
                 xs.append(x)
-            ga, gb = (g if g.is_contiguous() and g.dtype == dtype else g.to(dtype).contiguous()
-                      for g in (a.grad, b.grad))
-            operands += (ga, gb)
-            addresses += (xs[0].data_ptr(), xs[1].data_ptr(), ga.data_ptr(), gb.data_ptr())
-        bucket.table[:, :4] = torch.tensor(addresses, dtype=torch.int64).view(n, 4)
-        n_in = pairs[0][0].shape[1]
-        lib.lora_rite_step(n, n_in, pairs[0][1].shape[0], bucket.table.data_ptr(), bucket.lam.data_ptr(),
-                           bucket.lam_known, float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                           float(group["weight_decay"]), 10 * torch.finfo(dtype).eps)
+            gs = [g if g.is_contiguous() and g.dtype is dtype else g.to(dtype).contiguous() for g in (ga, gb)]
+            operands += gs
+            addresses.extend((xs[0].data_ptr(), xs[1].data_ptr(), gs[0].data_ptr(), gs[1].data_ptr()))
+        beta1, beta2 = group["betas"]
+        lib.lora_rite_step(n, a0.shape[1], b0.shape[0], addresses.buffer_info()[0], bucket.state_table.data_ptr(),
+                           bucket.lam.data_ptr(), bucket.lam_known, float(group["lr"]), float(beta1), float(beta2),
+                           float(group["eps"]), float(group["weight_decay"]), 10 * torch.finfo(dtype).eps)
         bucket.lam_known = 1
-        for x, copy in strided:
+        for x, copy in copies:
             x.copy_(copy)
 
     def _bucket(self, params: list[torch.Tensor], states: list[dict[str, Any]], state_dtype: torch.dtype) -> _Bucket:

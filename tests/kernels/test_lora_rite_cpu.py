@@ -79,7 +79,7 @@ def test_fused_kernel_matches_the_torch_route_in_float64(zero_b: bool, wd: float
                 assert x.dtype == y.dtype and x.shape == y.shape, key
                 # the r×r moments are tiny: relative to their size (ρ, often rounding noise, to V's)
                 scale = v_scale if key == "escaped" else (y.abs().max().item() or 1.0)
-                torch.testing.assert_close(x / scale, y / scale, rtol=1e-8, atol=1e-10, msg=key)
+                torch.testing.assert_close(x / scale, y / scale, rtol=1e-8, atol=1e-9, msg=key)
     assert moved > 0.05  # the factors did move
     assert opt.state[params[1][0]]["step"].item() == 10 and opt.state[params[0][0]]["step"].item() == 12
 
@@ -169,3 +169,16 @@ def test_the_build_is_cached_for_later_processes(tmp_path) -> None:
     mtime = built[0].stat().st_mtime_ns
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True, timeout=300)
     assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+def test_a_state_that_does_not_fit_the_factors_is_refused_not_written_through() -> None:
+    """The kernel writes through raw pointers, so a state of the wrong size must never reach it."""
+    a = torch.randn(2, 9, requires_grad=True)
+    b = torch.randn(4, 2, requires_grad=True)
+    opt = LoRARITE([a, b], implementation="fused")
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    a.data, b.data = torch.randn(2, 12), torch.randn(4, 2)  # resized behind the optimizer's back
+    a.grad = torch.ones_like(a)
+    with pytest.raises(ValueError, match=r"^state: 'exp_avg' of a factor of shape \(2, 12\) has shape \(2, 9\)"):
+        opt.step()
