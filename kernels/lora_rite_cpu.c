@@ -495,35 +495,39 @@ static void eigh4(vmat a, double w[LN][R], mat q[LN]) {
                 dp[k] = app - t * apr; dq[k] = arr + t * apr;
                 zero[k] = (1.0 - rot) * apr;
             }
-            for (int k = 0; k < PLAYERS / 2; k++) { /* rows: a ← Jᵀ a, vt ← Jᵀ vt */
+            /* a ← Jᵀ a J entry by entry, each symmetric pair of entries computed once: the 2×2 blocks between
+             * two rotated pairs turn on both sides, the entries beside the unpaired index of an odd r on one */
+            for (int k = 0; k < PLAYERS / 2; k++) {
                 int p = pp[k], r = qq[k];
                 if (p == r) continue;
-                v4 c = cs[k], s = sn[k];
-                for (int j = 0; j < R; j++) {
-                    v4 x = a[p][j], y = a[r][j];
-                    a[p][j] = c * x - s * y;
-                    a[r][j] = s * x + c * y;
-                    if (q) {
-                        v4 u = vt[p][j], v = vt[r][j];
-                        vt[p][j] = c * u - s * v;
-                        vt[r][j] = s * u + c * v;
+                v4 ck = cs[k], sk = sn[k];
+                for (int l = 0; l < PLAYERS / 2; l++) {
+                    int u = pp[l], w = qq[l];
+                    if (l == k || (u != w && l < k)) continue;
+                    v4 apu = a[p][u], aru = a[r][u];
+                    v4 bpu = ck * apu - sk * aru, bru = sk * apu + ck * aru; /* rows p, r turned */
+                    if (u == w) { /* u unpaired: its column is not turned */
+                        a[p][u] = a[u][p] = bpu;
+                        a[r][u] = a[u][r] = bru;
+                        continue;
                     }
+                    v4 apw = a[p][w], arw = a[r][w];
+                    v4 bpw = ck * apw - sk * arw, brw = sk * apw + ck * arw;
+                    v4 cl = cs[l], sl = sn[l]; /* then columns u, w */
+                    a[p][u] = a[u][p] = cl * bpu - sl * bpw;
+                    a[p][w] = a[w][p] = sl * bpu + cl * bpw;
+                    a[r][u] = a[u][r] = cl * bru - sl * brw;
+                    a[r][w] = a[w][r] = sl * bru + cl * brw;
                 }
-            }
-            for (int i = 0; i < R; i++) /* columns: a ← a J */
-                for (int k = 0; k < PLAYERS / 2; k++) {
-                    int p = pp[k], r = qq[k];
-                    if (p == r) continue;
-                    v4 c = cs[k], s = sn[k], x = a[i][p], y = a[i][r];
-                    a[i][p] = c * x - s * y;
-                    a[i][r] = s * x + c * y;
-                }
-            for (int k = 0; k < PLAYERS / 2; k++) { /* the rotated 2×2 blocks, exactly */
-                int p = pp[k], r = qq[k];
-                if (p == r) continue;
-                a[p][p] = dp[k];
+                a[p][p] = dp[k]; /* the rotated 2×2 block itself, exactly */
                 a[r][r] = dq[k];
                 a[p][r] = a[r][p] = zero[k];
+                if (q)
+                    for (int j = 0; j < R; j++) { /* vt ← Jᵀ vt */
+                        v4 x = vt[p][j], y = vt[r][j];
+                        vt[p][j] = ck * x - sk * y;
+                        vt[r][j] = sk * x + ck * y;
+                    }
             }
             int last = pos[PLAYERS - 1]; /* next round: player 0 stays, the others move one seat */
             for (int k = PLAYERS - 1; k > 1; k--) pos[k] = pos[k - 1];
