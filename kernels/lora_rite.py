@@ -74,7 +74,7 @@ fused AdamW). ``implementation="fused"`` (the default on CPUs, ``"auto"``) runs 
 bucket instead (kernels/lora_rite_cpu.c, compiled at first use by :mod:`kernels.cbuild` for the pairs' rank and
 dtype): per two pairs, a pass per factor for its Grams, the r×r algebra of the four factors in the lanes of one
 float64 vector (Jacobi eigensolver), and a pass per factor for the moment and factor update; the per-parameter
-state tensors are its storage (4.9 ms, 1.8× fused AdamW; benchmarks/README.md). The batched torch route is its
+state tensors are its storage (4.4–4.6 ms, 1.7× fused AdamW; benchmarks/README.md). The batched torch route is its
 reference (tests/kernels/test_lora_rite_cpu.py) and is used on GPUs, for other dtypes, for ranks above 32, and
 where no C compiler is available.
 
@@ -97,7 +97,7 @@ from kernels import cbuild
 __all__ = ["LoRARITE", "make_fused_adamw"]
 
 IMPLEMENTATIONS = ("auto", "fused", "torch")
-FUSED_MAX_RANK = 32  # the C kernel keeps r×r×8 accumulators on the stack
+FUSED_MAX_RANK = 32  # the C kernel keeps its r×r work on the stack (~14 matrices of r×r×4 doubles); larger: torch
 _C_TYPES = {torch.float32: "float", torch.float64: "double"}
 _warned: set[str] = set()
 

@@ -19,9 +19,10 @@
  *      ΔZ = s R⁻¹ Mᵀ (s = lr/bc₁),  Z ← (1 - lr·wd) Z - ΔZ.
  * The A factors are processed in their own (r×in, row-major) layout, vectorized along `in`; the B factors in
  * theirs (out×r, row-major: a row of B is one r-vector), so nothing is transposed. Measured on this project's
- * VM (AMD EPYC, AVX2, 1 thread; benchmarks/optimizers.py): 48 pairs r = 8, d = 768 — ~4.9 ms a step against
- * 12.5 ms for the torch route and 2.8 ms for torch's fused AdamW; about 40 % of it streams the ~17 MB of
- * factors, gradients, moments and history through memory (AdamW streams as much), 20 % is the r×r algebra.
+ * VM (AMD EPYC, AVX2, 1 thread; benchmarks/optimizers.py): 48 pairs r = 8, d = 768 — 4.4–4.6 ms a step against
+ * 11.4–11.8 ms for the torch route and 2.6–2.7 ms for torch's fused AdamW. Of the C time (~3.6 ms) the passes over
+ * the ~17 MB of factors, gradients, moments and history (AdamW streams as much) take ~2.7 ms, the r×r algebra
+ * ~0.8 ms (two 4-lane eigendecompositions per two pairs, ~0.6 ms).
  *
  * Addresses (int64, of contiguous tensors): `operands`, 4 per pair: A, B, grad A, grad B; `state`, 12 per pair,
  * for A (0..5) and B (6..11): step (float32 scalar), exp_avg (the factor's shape, REAL), exp_avg_sq (r×r double),
