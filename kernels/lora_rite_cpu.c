@@ -48,117 +48,6 @@
 typedef REAL real;
 typedef double mat[R][R];
 
-/* ---------------------------------------------------------------------------------------------------------- */
-/* small dense r×r algebra (double)                                                                           */
-/* ---------------------------------------------------------------------------------------------------------- */
-
-/* Eigen-decomposition of a symmetric matrix by Jacobi rotations in parallel (round-robin) order (Golub & Van
- * Loan, Matrix Computations, §8.5.5; accurate to rounding in every eigenvalue, small or large). Each round
- * zeroes ⌊r/2⌋ disjoint off-diagonal pairs at once, so their rotation angles are independent computations and
- * the similarity transform is two passes of row operations. `a` is destroyed; w: eigenvalues ascending; q (if
- * not NULL): eigenvectors as columns, in the same order. */
-#define PLAYERS (R + (R & 1))
-static void eigh(mat a, double w[R], mat q) {
-    mat vt; /* eigenvectors as rows */
-    int pos[PLAYERS];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < R; j++) vt[i][j] = (i == j);
-    for (int i = 0; i < PLAYERS; i++) pos[i] = i;
-    for (int sweep = 0; sweep < 60; sweep++) {
-        double off = 0.0, diag = 0.0;
-        for (int i = 0; i < R; i++) {
-            diag += a[i][i] * a[i][i];
-            for (int j = i + 1; j < R; j++) off += a[i][j] * a[i][j];
-        }
-        if (off <= DBL_EPSILON * DBL_EPSILON * diag || off < DBL_MIN) break;
-        for (int round = 0; round < PLAYERS - 1; round++) {
-            /* the round's ⌊r/2⌋ rotations: angles computed side by side (vectorizable), negligible or phantom
-             * pairs rotated by the identity (c = 1, s = 0 leaves every value exactly as it was) */
-            int pp[PLAYERS / 2], qq[PLAYERS / 2];
-            double apr[PLAYERS / 2], app[PLAYERS / 2], arr[PLAYERS / 2];
-            double cs[PLAYERS / 2], sn[PLAYERS / 2], dp[PLAYERS / 2], dq[PLAYERS / 2], zero[PLAYERS / 2];
-            for (int k = 0; k < PLAYERS / 2; k++) {
-                int p = pos[k], r = pos[PLAYERS - 1 - k];
-                if (p > r) { int x = p; p = r; r = x; }
-                int real_pair = r < R;
-                if (!real_pair) r = p; /* the phantom player of an odd r: a harmless self-pair */
-                pp[k] = p; qq[k] = r;
-                apr[k] = real_pair ? a[p][r] : 0.0;
-                app[k] = a[p][p];
-                arr[k] = a[r][r];
-            }
-            for (int k = 0; k < PLAYERS / 2; k++) {
-                double x = apr[k];
-                int rotate = !(x * x <= DBL_EPSILON * DBL_EPSILON * 1e-2 * fabs(app[k] * arr[k]) || fabs(x) < DBL_MIN);
-                double safe = rotate ? x : 1.0;
-                double theta = (arr[k] - app[k]) / (2.0 * safe);
-                double t = isfinite(theta * theta) ? (theta >= 0.0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0))
-                                                   : 0.5 / theta;
-                t = rotate ? t : 0.0;
-                double c = 1.0 / sqrt(t * t + 1.0);
-                cs[k] = c; sn[k] = t * c;
-                dp[k] = app[k] - t * x; dq[k] = arr[k] + t * x;
-                zero[k] = rotate ? 0.0 : x;
-            }
-            for (int k = 0; k < PLAYERS / 2; k++) { /* rows: a ← Jᵀ a, vt ← Jᵀ vt */
-                int p = pp[k], r = qq[k];
-                if (p == r) continue;
-                double c = cs[k], s = sn[k];
-                for (int j = 0; j < R; j++) {
-                    double x = a[p][j], y = a[r][j];
-                    a[p][j] = c * x - s * y;
-                    a[r][j] = s * x + c * y;
-                    double u = vt[p][j], v = vt[r][j];
-                    vt[p][j] = c * u - s * v;
-                    vt[r][j] = s * u + c * v;
-                }
-            }
-            for (int i = 0; i < R; i++) /* columns: a ← a J */
-                for (int k = 0; k < PLAYERS / 2; k++) {
-                    int p = pp[k], r = qq[k];
-                    if (p == r) continue;
-                    double c = cs[k], s = sn[k], x = a[i][p], y = a[i][r];
-                    a[i][p] = c * x - s * y;
-                    a[i][r] = s * x + c * y;
-                }
-            for (int k = 0; k < PLAYERS / 2; k++) { /* the rotated 2×2 blocks, exactly */
-                if (pp[k] == qq[k]) continue;
-                a[pp[k]][pp[k]] = dp[k];
-                a[qq[k]][qq[k]] = dq[k];
-                a[pp[k]][qq[k]] = a[qq[k]][pp[k]] = zero[k];
-            }
-            int last = pos[PLAYERS - 1]; /* next round: player 0 stays, the others move one seat */
-            for (int k = PLAYERS - 1; k > 1; k--) pos[k] = pos[k - 1];
-            pos[1] = last;
-        }
-    }
-    int order[R];
-    for (int i = 0; i < R; i++) order[i] = i;
-    for (int i = 1; i < R; i++) { /* insertion sort by eigenvalue */
-        int o = order[i], j = i;
-        while (j > 0 && a[order[j - 1]][order[j - 1]] > a[o][o]) { order[j] = order[j - 1]; j--; }
-        order[j] = o;
-    }
-    for (int i = 0; i < R; i++) w[i] = a[order[i]][order[i]];
-    if (q)
-        for (int i = 0; i < R; i++)
-            for (int j = 0; j < R; j++) q[i][j] = vt[order[j]][i];
-}
-
-/* R⁻¹ for Zᵀ = U R (U orthonormal) given a (near-)singular Gram Z Zᵀ = RᵀR: the pseudo-inverse Q Λ^{-1/2} with
- * directions λ ≤ rel_tol · λ_max dropped (the lanes of `inv_factor4` whose Cholesky factorization fails). */
-static void pinv_factor(const mat gram, double rel_tol, mat rinv) {
-    mat a, q;
-    double lam[R];
-    memcpy(a, gram, sizeof(mat));
-    eigh(a, lam, q);
-    double cut = (lam[R - 1] > 0.0 ? lam[R - 1] : 0.0) * rel_tol;
-    for (int j = 0; j < R; j++) {
-        double f = lam[j] > cut ? 1.0 / sqrt(lam[j] > DBL_MIN ? lam[j] : DBL_MIN) : 0.0;
-        for (int i = 0; i < R; i++) rinv[i][j] = q[i][j] * f;
-    }
-}
-
 /* Vectors (GCC/Clang vector extensions, lowered to whatever the target has): `vec` runs along n in the wide
  * layout, `tvec` along a row of r values in the tall one (TLANES = the largest power of two ≤ 32 bytes that
  * divides r, passed by the builder). Unaligned loads and stores go through memcpy, which compiles to one
@@ -455,8 +344,12 @@ static void vmat_mult(vmat out, vmat a, vmat b) { /* out = a bᵀ */
         }
 }
 
-/* Jacobi eigendecomposition (the round-robin scheme of `eigh`) of four symmetric matrices, one per lane.
- * Out: w[l][·] ascending and, if q is not NULL, q[l] with the eigenvectors as columns in that order. */
+/* Eigendecomposition of four symmetric matrices, one per lane, by Jacobi rotations in parallel (round-robin)
+ * order (Golub & Van Loan, Matrix Computations, §8.5.5; accurate to rounding in every eigenvalue, small or
+ * large). Each round zeroes ⌊r/2⌋ disjoint off-diagonal pairs at once, so their angles are independent
+ * computations. `a` is destroyed. Out: w[l][·] ascending and, if q is not NULL, q[l] with the eigenvectors as
+ * columns in that order. */
+#define PLAYERS (R + (R & 1))
 static void eigh4(vmat a, double w[LN][R], mat q[LN]) {
     vmat vt;
     int pos[PLAYERS];
@@ -551,7 +444,7 @@ static void eigh4(vmat a, double w[LN][R], mat q[LN]) {
 }
 
 /* R⁻¹ for four Grams Z Zᵀ = RᵀR, one per lane: L⁻ᵀ from the Cholesky factor L (R = Lᵀ, QR's R up to signs)
- * where the Gram is safely positive definite (every pivot² > rel_tol · trace), else `pinv_factor`. */
+ * where the Gram is safely positive definite (every pivot² > rel_tol · trace), else the pseudo-inverse. */
 static void inv_factor4(vmat gram, double rel_tol, vmat rinv) {
     vmat l;
     v4 trace = vsplat(0.0), ok = vsplat(1.0);
@@ -577,15 +470,22 @@ static void inv_factor4(vmat gram, double rel_tol, vmat rinv) {
             for (int k = i + 1; k <= c; k++) s -= l[k][i] * rinv[k][c];
             rinv[i][c] = s / l[i][i];
         }
-    for (int ln = 0; ln < LN; ln++)
-        if (ok[ln] != 1.0) {
-            mat g1, r1;
-            for (int i = 0; i < R; i++)
-                for (int j = 0; j < R; j++) g1[i][j] = gram[i][j][ln];
-            pinv_factor(g1, rel_tol, r1);
-            for (int i = 0; i < R; i++)
-                for (int j = 0; j < R; j++) rinv[i][j][ln] = r1[i][j];
+    if (ok[0] + ok[1] + ok[2] + ok[3] == LN) return;
+    /* a (near-)singular Gram, e.g. B = 0 at initialization: the pseudo-inverse Q Λ^{-1/2}, directions with
+     * λ ≤ rel_tol · λ_max dropped (as the authors' pinv) */
+    vmat a;
+    double w[LN][R];
+    mat q[LN];
+    memcpy(a, gram, sizeof(vmat));
+    eigh4(a, w, q);
+    for (int ln = 0; ln < LN; ln++) {
+        if (ok[ln] == 1.0) continue;
+        double cut = (w[ln][R - 1] > 0.0 ? w[ln][R - 1] : 0.0) * rel_tol;
+        for (int j = 0; j < R; j++) {
+            double f = w[ln][j] > cut ? 1.0 / sqrt(w[ln][j] > DBL_MIN ? w[ln][j] : DBL_MIN) : 0.0;
+            for (int i = 0; i < R; i++) rinv[i][j][ln] = q[ln][i][j] * f;
         }
+    }
 }
 
 typedef struct {

@@ -20,6 +20,7 @@ from kernels.lora_rite import LoRARITE
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(12, 10, 3), (12, 10, 3), (40, 33, 8), (9, 17, 1), (19, 19, 4), (37, 21, 16), (6, 6, 2), (64, 48, 5)]
 # (out, in, r): a two-pair bucket, rank 8 with vector tails (33 = 4·8 + 1), rank 1, in == out, rank 16, odd ranks
+ROWS = 24  # inputs per loss: more than any rank, so that no gradient is rank-deficient (see the float32 test)
 
 
 def _pairs(dtype: torch.dtype, zero_b: bool, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -43,7 +44,7 @@ def _grads(pairs, targets, xs):
 def _run(implementation: str, dtype: torch.dtype, zero_b: bool, wd: float, steps: int, skip=lambda step, k: False):
     g = torch.Generator().manual_seed(1)
     targets = [torch.randn(o, i, generator=g, dtype=torch.float64) for o, i, _ in SHAPES]
-    xs = [torch.randn(7, i, generator=g, dtype=torch.float64) for _, i, _ in SHAPES]
+    xs = [torch.randn(ROWS, i, generator=g, dtype=torch.float64) for _, i, _ in SHAPES]
     params = [(a.requires_grad_(), b.requires_grad_()) for a, b in _pairs(dtype, zero_b)]
     opt = LoRARITE([{"params": [a, b]} for a, b in params], lr=0.02, weight_decay=wd, implementation=implementation)
     for step in range(steps):
@@ -84,22 +85,29 @@ def test_fused_kernel_matches_the_torch_route_in_float64(zero_b: bool, wd: float
     assert opt.state[params[1][0]]["step"].item() == 10 and opt.state[params[0][0]]["step"].item() == 12
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("zero_b", [False, True])
-def test_fused_kernel_in_float32_is_as_accurate_as_the_torch_route(zero_b: bool) -> None:
+def test_fused_kernel_in_float32_is_as_accurate_as_the_torch_route(zero_b: bool, threads: int) -> None:
     """float32 (Grams accumulated in float32 by both routes): each route's distance to the float64 trajectory
-    from the same start. The rank-16 pair (squared condition number ~10⁴ in its Grams) drifts far from it in
-    float32 in both routes alike."""
-    exact, _ = _run("torch", torch.float64, zero_b, 0.01, 12, _lags)
-    errors = {}
-    for implementation in ("torch", "fused"):
-        params, _ = _run(implementation, torch.float32, zero_b, 0.01, 12, _lags)
-        errors[implementation] = [max((a.detach().double() - ea.detach()).abs().max().item(),
-                                      (b.detach().double() - eb.detach()).abs().max().item())
-                                  for (a, b), (ea, eb) in zip(params, exact, strict=True)]
+    from the same start, measured on W = B A (the factors of an ill-conditioned pair may drift apart in
+    equivalent ways). With fewer inputs than the rank the gradients are exactly rank-deficient, and float32
+    noise in their null directions is what Adam-like preconditioners amplify, in either route: ROWS > r here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the gradients' rounding, hence the trajectories, depend on it
+    try:
+        exact, _ = _run("torch", torch.float64, zero_b, 0.01, 12, _lags)
+        errors = {}
+        for implementation in ("torch", "fused"):
+            params, _ = _run(implementation, torch.float32, zero_b, 0.01, 12, _lags)
+            errors[implementation] = [
+                ((b.detach().double() @ a.detach().double()) - eb.detach() @ ea.detach()).abs().max().item()
+                / (eb.detach() @ ea.detach()).abs().max().item()
+                for (a, b), (ea, eb) in zip(params, exact, strict=True)]
+    finally:
+        torch.set_num_threads(before)
     for k, (mine, ref) in enumerate(zip(errors["fused"], errors["torch"], strict=True)):
-        assert mine <= 3 * ref + 1e-5, (SHAPES[k], mine, ref)
-        if SHAPES[k][2] < 16:
-            assert mine < 2e-3, (SHAPES[k], mine)
+        assert mine <= 5 * ref + 2e-6, (SHAPES[k], mine, ref)
+        assert mine < 1e-4, (SHAPES[k], mine)
 
 
 def test_a_state_dict_moves_between_the_routes() -> None:
