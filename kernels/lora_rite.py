@@ -313,6 +313,20 @@ class _Bucket:
         )
 
 
+def _cached_bucket(cache: dict[tuple[Any, ...], Any], params: list[torch.Tensor], states: list[dict[str, Any]],
+                   build: Any, tag: tuple[Any, ...] = ()) -> Any:
+    """The bucket of ``cache`` for these parameters (and ``tag``) while it still owns their state, else
+    ``build()``'s, evicting every bucket that shares a parameter: a parameter's state has one storage."""
+    key = (tag, *map(id, params))
+    bucket = cache.get(key)
+    if bucket is None or not bucket.owns(states):
+        ids = set(key[1:])
+        for other in [k for k in cache if ids.intersection(k[1:])]:
+            del cache[other]
+        bucket = cache[key] = build()
+    return bucket
+
+
 class LoRARITE(torch.optim.Optimizer):
     """LoRA-RITE (Yen et al., ICLR 2025) over LoRA pairs; see the module docstring for the algorithm.
 
@@ -375,8 +389,8 @@ class LoRARITE(torch.optim.Optimizer):
             items = [{"params": [items[i], items[i + 1]]} for i in range(0, len(items), 2)]
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         self.implementation = implementation
-        self._buckets: dict[tuple[int, ...], _Bucket] = {}
-        self._fused_buckets: dict[tuple[int, ...], _FusedBucket] = {}
+        self._buckets: dict[tuple[Any, ...], _Bucket] = {}
+        self._fused_buckets: dict[tuple[Any, ...], _FusedBucket] = {}
         super().__init__(items, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -479,16 +493,16 @@ class LoRARITE(torch.optim.Optimizer):
         dtype, n = a0.dtype, len(pairs)
         params = [a for a, _, _ in pairs] + [b for _, b, _ in pairs]
         states = [self.state[p] for p in params]
-        key = (a0.shape, b0.shape, *map(id, params))
-        bucket = self._fused_buckets.get(key)
-        if bucket is None or not bucket.owns(states):
+
+        def build() -> _FusedBucket:
             for i, (a, b, _) in enumerate(pairs):
                 if "history" not in states[i] or "history" not in states[n + i]:  # the state is created whole
                     self._init_state(a, b)
-            ids = set(key[2:])
-            for other in [k for k in self._fused_buckets if ids.intersection(k[2:])]:
-                del self._fused_buckets[other]
-            bucket = self._fused_buckets[key] = _FusedBucket(params, [self.state[p] for p in params])
+            return _FusedBucket(params, [self.state[p] for p in params])
+
+        # the shapes are part of the key: the kernel trusts the state's sizes (a resized factor rebuilds, and the
+        # rebuild refuses a state that does not fit)
+        bucket = _cached_bucket(self._fused_buckets, params, states, build, (a0.shape, b0.shape))
         addresses = array("q")  # per pair: A, B, grad A, grad B (contiguous, in the factors' dtype)
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (strided factor, contiguous copy): copied back after
         operands = []  # converted gradients: they must outlive the call
@@ -514,16 +528,6 @@ class LoRARITE(torch.optim.Optimizer):
         bucket.lam_known = 1
         for x, copy in copies:
             x.copy_(copy)
-
-    def _bucket(self, params: list[torch.Tensor], states: list[dict[str, Any]], state_dtype: torch.dtype) -> _Bucket:
-        key = tuple(id(p) for p in params)
-        bucket = self._buckets.get(key)
-        if bucket is None or not bucket.owns(states):
-            ids = set(key)
-            for other in [k for k in self._buckets if ids.intersection(k)]:
-                del self._buckets[other]
-            bucket = self._buckets[key] = _Bucket(params, states, len(params) // 2, state_dtype)
-        return bucket
 
     def _step_bucket(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]) -> None:
         """One step for N pairs of equal shapes and hyper-parameters, batched.
@@ -551,7 +555,8 @@ class LoRARITE(torch.optim.Optimizer):
         dtype = params[0].dtype
         state_dtype = torch.promote_types(dtype, torch.float32)
         rel_tol = 10 * torch.finfo(state_dtype).eps  # Gram eigenvalues below rel_tol·λ_max are rounding noise
-        bk = self._bucket(params, states, state_dtype)
+        bk = _cached_bucket(self._buckets, params, states,
+                            lambda: _Bucket(params, states, len(params) // 2, state_dtype))
         hist_a, hist_b = bk.hist_a, bk.hist_b
 
         # this step's gradients into [Mᵀ; G] / [M, G] of the current buffer, the factors into their history half

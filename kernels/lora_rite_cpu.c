@@ -364,7 +364,7 @@ static void eigh4(vmat a, double w[LN][R], mat q[LN]) {
             diag += a[i][i] * a[i][i];
             for (int j = i + 1; j < R; j++) off += a[i][j] * a[i][j];
         }
-        /* a lane is done (and stays so) once its off-diagonal mass is negligible, as `eigh` decides alone */
+        /* a lane is done (and stays so) once its off-diagonal mass is negligible: what it would decide alone */
         v4 converged = vmax(vflag(off, eps2 * diag), 1.0 - vflag(tiny, off)); /* off ≤ ε² diag, or off < tiny */
         done = vmax(done, converged);
         if (done[0] + done[1] + done[2] + done[3] == LN) break;
