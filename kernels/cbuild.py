@@ -3,7 +3,7 @@
 A kernel is specialized by preprocessor constants (e.g. the LoRA rank and the element type), compiled with the
 system's C compiler (``$CC``, else ``cc``/``gcc``) for the host CPU (``-O3 -march=native``) and cached as a
 shared library under ``$FEDPRIV_KERNEL_CACHE`` (default ``~/.cache/fedpriv/kernels``), keyed by a hash of the
-source, the constants, the flags, the compiler's version and the CPU's feature flags — so a later process, e.g.
+source, the constants, the flags, the compiler binary and the CPU's feature flags — so a later process, e.g.
 a SuperNode's next ClientApp, loads it in about a millisecond. Several processes may build the same library at
 once: each writes its own temporary file and renames it into place.
 
@@ -48,11 +48,15 @@ def _compiler() -> str | None:
 
 @functools.cache
 def _fingerprint(compiler: str) -> str:
-    """Compiler version and CPU features: a library built with -march=native is only valid on the same kind of CPU."""
+    """The compiler binary and the CPU's features (a library built with -march=native is only valid on the same
+    kind of CPU). The compiler is identified by its resolved path, size and mtime — an upgrade changes them —
+    rather than by running it: a SuperNode starts a process per message, and this runs in each one."""
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
+        exe = os.path.realpath(shutil.which(compiler) or compiler)
+        st = os.stat(exe)
+        version = f"{exe}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        version = compiler
     cpu = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
