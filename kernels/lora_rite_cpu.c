@@ -19,10 +19,17 @@
  *      ΔZ = s R⁻¹ Mᵀ (s = lr/bc₁),  Z ← (1 - lr·wd) Z - ΔZ.
  * The A factors are processed in their own (r×in, row-major) layout, vectorized along `in`; the B factors in
  * theirs (out×r, row-major: a row of B is one r-vector), so nothing is transposed. Measured on this project's
- * VM (AMD EPYC, AVX2, 1 thread; benchmarks/optimizers.py): 48 pairs r = 8, d = 768 — 4.4–4.6 ms a step against
- * 11.4–11.8 ms for the torch route and 2.6–2.7 ms for torch's fused AdamW. Of the C time (~3.6 ms) the passes over
- * the ~17 MB of factors, gradients, moments and history (AdamW streams as much) take ~2.7 ms, the r×r algebra
- * ~0.8 ms (two 4-lane eigendecompositions per two pairs, ~0.6 ms).
+ * VM (AMD EPYC, Zen 1: one 8-wide float multiply-add per cycle; 1 thread; benchmarks/optimizers.py): 48 pairs
+ * r = 8, d = 768 — 4.1 ms a step against 11 ms for the torch route and 2.5–2.6 ms for torch's fused AdamW. Of the
+ * C time (~3.5 ms) the passes take ~2.6 ms and are bound by their multiply-adds, not by memory (as fast per pair
+ * with every operand in cache): ~45 per element of a factor at r = 8 (Grams ~20, update 24), at 65–90 % of the
+ * core's peak; the r×r algebra ~0.8 ms (two 4-lane eigendecompositions per two pairs, ~0.6 ms). Tried and not
+ * kept: the history copy fused into the Gram pass (its streaming stores slowed the tall pass), prefetching the
+ * next pairs during the algebra (slower), threads (twice as fast alone, slower inside a training loop, where
+ * torch's OpenMP workers still spin on the cores after the backward pass).
+ *
+ * `hyper` holds each pair's lr, β₁, β₂, ε and weight decay, so pairs of one shape share a call whatever their
+ * hyper-parameters (an lr schedule, per-group settings), each lane of the algebra using its own.
  *
  * Addresses (int64, of contiguous tensors): `operands`, 4 per pair: A, B, grad A, grad B; `state`, 12 per pair,
  * for A (0..5) and B (6..11): step (float32 scalar), exp_avg (the factor's shape, REAL), exp_avg_sq (r×r double),
@@ -488,14 +495,11 @@ static void inv_factor4(vmat gram, double rel_tol, vmat rinv) {
     }
 }
 
-typedef struct {
-    double beta1, beta2, eps, lr, rel_tol;
-} hyper;
-
 /* What one factor's r×r algebra reads and writes. Side s is the factor being updated, o its partner. */
 typedef struct {
     const double *gram_o, *cross_o, *rinv_o_prev, *gg_s; /* r×r: the partner's Gram, cross product, last R⁻¹; G Gᵀ */
     double *v, *rho, *lam;                                /* state: V, ρ; λ(V) (cached: see lam_known) */
+    const double *hyper;                                  /* the pair's lr, β₁, β₂, ε, weight decay */
     double t, n_s;                                        /* step count, the factor's length */
     real *top, *step, *bottom;                            /* out: r×2r, r×r, r×2r coefficients of the passes */
     double *rinv_o;                                       /* out: the partner's R⁻¹ now (r×r) */
@@ -506,9 +510,9 @@ typedef struct {
  * mass; K = (V̂ + ρ̂ I)^{-1/2} (ε on the square roots); the coefficients top = [β₁P, C'ᵀ] with C' = (1-β₁) R_o⁻¹ K,
  * step = lr/bc₁ R_o⁻¹ and bottom = step · top. `lam_known`: λ(V) is the last step's (else computed here with
  * the same routine, so that a reloaded optimizer steps exactly as the original). */
-static void side_algebra4(const hyper *hp, side *sd, int count, int lam_known) {
+static void side_algebra4(side *sd, int count, int lam_known, double rel_tol) {
     vmat gram, cross, rprev, gg, v, rinv, tmp, p, s, vm, vn, kmat, c;
-    v4 rho, t, n_s, lam[R];
+    v4 rho, t, n_s, lam[R], lr, beta1, beta2, eps;
     double w[LN][R];
     mat q[LN];
     for (int l = 0; l < LN; l++) {
@@ -522,11 +526,15 @@ static void side_algebra4(const hyper *hp, side *sd, int count, int lam_known) {
                 v[i][j][l] = x->v[i * R + j];
             }
         rho[l] = *x->rho;
+        lr[l] = x->hyper[0];
+        beta1[l] = x->hyper[1];
+        beta2[l] = x->hyper[2];
+        eps[l] = x->hyper[3];
         t[l] = x->t;
         n_s[l] = x->n_s;
         for (int i = 0; i < R; i++) lam[i][l] = x->lam[i];
     }
-    inv_factor4(gram, hp->rel_tol, rinv);
+    inv_factor4(gram, rel_tol, rinv);
     vmat_tmul(tmp, rinv, cross);
     vmat_mul(p, tmp, rprev);
     vmat_tmul(tmp, rinv, gg);
@@ -550,10 +558,9 @@ static void side_algebra4(const hyper *hp, side *sd, int count, int lam_known) {
         eig_gap = vmax(eig_gap, lam[i] - lm);
         trace_gap += v[i][i] - vm[i][i];
     }
-    rho = hp->beta2 * (rho + vmax(vmin(eig_gap, trace_gap), vsplat(0.0)));
+    rho = beta2 * (rho + vmax(vmin(eig_gap, trace_gap), vsplat(0.0)));
 
-    v4 sscale = 0.5 * (1.0 - hp->beta2) / n_s;
-    double vscale = 0.5 * hp->beta2;
+    v4 sscale = 0.5 * (1.0 - beta2) / n_s, vscale = 0.5 * beta2;
     for (int i = 0; i < R; i++)
         for (int j = 0; j < R; j++) tmp[i][j] = s[i][j] * sscale + vm[i][j] * vscale;
     for (int i = 0; i < R; i++)
@@ -565,12 +572,12 @@ static void side_algebra4(const hyper *hp, side *sd, int count, int lam_known) {
     }
 
     v4 bc1, bc2;
-    for (int l = 0; l < LN; l++) { bc1[l] = 1.0 - pow(hp->beta1, t[l]); bc2[l] = 1.0 - pow(hp->beta2, t[l]); }
+    for (int l = 0; l < LN; l++) { bc1[l] = 1.0 - pow(beta1[l], t[l]); bc2[l] = 1.0 - pow(beta2[l], t[l]); }
     eigh4(vn, w, q); /* λ kept for the next step */
     v4 inv[R];
     for (int i = 0; i < R; i++) {
         v4 li = {w[0][i], w[1][i], w[2][i], w[3][i]};
-        inv[i] = (1.0 - hp->beta1) / (vsqrt((vmax(li, vsplat(0.0)) + rho) / bc2) + hp->eps);
+        inv[i] = (1.0 - beta1) / (vsqrt((vmax(li, vsplat(0.0)) + rho) / bc2) + eps);
         for (int l = 0; l < count; l++) sd[l].lam[i] = w[l][i];
     }
     for (int i = 0; i < R; i++)
@@ -584,10 +591,17 @@ static void side_algebra4(const hyper *hp, side *sd, int count, int lam_known) {
             kmat[i][j] = acc; /* (1-β₁) (V̂ + ρ̂ I)^{-1/2} */
         }
     vmat_mul(c, rinv, kmat); /* C' = (1-β₁) R_o⁻¹ K */
-    v4 step_scale = hp->lr / bc1;
+    v4 step_scale = lr / bc1;
     v4 topd[R][2 * R];
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < R; j++) { topd[i][j] = hp->beta1 * p[i][j]; topd[i][R + j] = c[j][i]; }
+        for (int j = 0; j < R; j++) { topd[i][j] = beta1 * p[i][j]; topd[i][R + j] = c[j][i]; }
+    v4 bottom[R][2 * R]; /* step · top = lr/bc₁ R_o⁻¹ top */
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < 2 * R; j++) {
+            v4 acc = rinv[i][0] * topd[0][j];
+            for (int k = 1; k < R; k++) acc += rinv[i][k] * topd[k][j];
+            bottom[i][j] = acc * step_scale;
+        }
     for (int l = 0; l < count; l++) {
         side *x = &sd[l];
         for (int i = 0; i < R; i++) {
@@ -596,10 +610,8 @@ static void side_algebra4(const hyper *hp, side *sd, int count, int lam_known) {
                 x->rinv_o[i * R + j] = rinv[i][j][l];
             }
             for (int j = 0; j < 2 * R; j++) {
-                double acc = 0.0;
-                for (int k = 0; k < R; k++) acc += rinv[i][k][l] * topd[k][j][l];
                 x->top[i * 2 * R + j] = (real)topd[i][j][l];
-                x->bottom[i * 2 * R + j] = (real)(acc * step_scale[l]);
+                x->bottom[i * 2 * R + j] = (real)bottom[i][j][l];
             }
         }
     }
@@ -610,13 +622,11 @@ static void side_algebra4(const hyper *hp, side *sd, int count, int lam_known) {
 /* ---------------------------------------------------------------------------------------------------------- */
 
 /* One step for `npairs` pairs of shapes A (r, n_in), B (n_out, r), two pairs (four factors) at a time: their
- * Grams, their r×r algebra in the four lanes, their updates. `lam`: (2·npairs, r) doubles, the eigenvalues of
- * each factor's V (A rows first), valid if `lam_known` and written back. Returns 0. */
+ * Grams, their r×r algebra in the four lanes, their updates. `hyper`: 5 doubles per pair (lr, β₁, β₂, ε, weight
+ * decay). `lam`: (2·npairs, r) doubles, the eigenvalues of each factor's V (A rows first), valid if `lam_known`
+ * and written back. `rel_tol`: the pseudo-inverse threshold. Returns 0. */
 int lora_rite_step(int64_t npairs, int64_t n_in, int64_t n_out, const int64_t *operands, const int64_t *state,
-                   double *lam, int64_t lam_known, double lr, double beta1, double beta2, double eps,
-                   double weight_decay, double rel_tol) {
-    hyper hp = {beta1, beta2, eps, lr, rel_tol};
-    real keep = (real)(1.0 - lr * weight_decay);
+                   const double *hyper, double *lam, int64_t lam_known, double rel_tol) {
     for (int64_t p0 = 0; p0 < npairs; p0 += 2) {
         int count = npairs - p0 >= 2 ? 2 : 1;
         real *fac[2][2], *m[2][2], *hist[2][2];
@@ -651,15 +661,17 @@ int lora_rite_step(int64_t npairs, int64_t n_in, int64_t n_out, const int64_t *o
             for (int f = 0; f < 2; f++) {
                 int o = 1 - f;
                 sd[2 * c + f] = (side){&gram[c][o][0][0], &cross[c][o][0][0], prev_rinv[c][o], &gg[c][f][0][0],
-                                       v[c][f], rho[c][f], lam + (f * npairs + p0 + c) * R, t[c][f],
-                                       (double)(f ? n_out : n_in), &top[c][f][0][0], &step[c][f][0][0],
+                                       v[c][f], rho[c][f], lam + (f * npairs + p0 + c) * R, hyper + 5 * (p0 + c),
+                                       t[c][f], (double)(f ? n_out : n_in), &top[c][f][0][0], &step[c][f][0][0],
                                        &bottom[c][f][0][0], &rinv[c][o][0][0]};
             }
         }
         for (int c = 0; c < count; c++) /* the first moments, in flight during the r×r algebra */
             for (int f = 0; f < 2; f++) prefetch(m[c][f], sizeof(real) * (f ? n_out * R : R * n_in));
-        side_algebra4(&hp, sd, 2 * count, (int)lam_known);
+        side_algebra4(sd, 2 * count, (int)lam_known, rel_tol);
         for (int c = 0; c < count; c++) {
+            const double *hp = hyper + 5 * (p0 + c);
+            real keep = (real)(1.0 - hp[0] * hp[4]); /* decoupled weight decay: 1 - lr·wd */
             memcpy(prev_rinv[c][0], rinv[c][0], sizeof(mat));
             memcpy(prev_rinv[c][1], rinv[c][1], sizeof(mat));
             update_wide(fac[c][0], m[c][0], grad[c][0], n_in, (const real (*)[2 * R])top[c][0],

@@ -190,3 +190,74 @@ def test_a_state_that_does_not_fit_the_factors_is_refused_not_written_through() 
     a.grad = torch.ones_like(a)
     with pytest.raises(ValueError, match=r"^state: 'exp_avg' of a factor of shape \(2, 12\) has shape \(2, 9\)"):
         opt.step()
+
+
+def _same_shape_pairs(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 33, generator=g).requires_grad_(), torch.randn(40, 8, generator=g).requires_grad_())
+            for _ in range(n)]
+
+
+def _fresh_grads(pairs, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(100 + step)  # new tensors every step, as backward() makes them
+    return [(torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)) for a, b in pairs]
+
+
+HYPER = [{"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0},
+         {"lr": 0.03, "betas": (0.8, 0.99), "eps": 1e-8, "weight_decay": 0.1},
+         {"lr": 0.002, "betas": (0.95, 0.9999), "eps": 1e-4, "weight_decay": 0.01}]
+
+
+def test_pairs_with_their_own_hyper_parameters_share_one_call_and_step_as_they_would_alone() -> None:
+    """Per-pair lr, betas, eps and weight decay (an lr schedule included) in one kernel call: bit-for-bit the
+    steps of each pair in an optimizer of its own (the lanes of the kernel's r×r algebra are independent)."""
+    together = _same_shape_pairs(3, seed=3)
+    alone = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in together]
+    opt = LoRARITE([{"params": [a, b], **h} for (a, b), h in zip(together, HYPER, strict=True)],
+                   implementation="fused")
+    opts = [LoRARITE([{"params": [a, b], **h}], implementation="fused") for (a, b), h in
+            zip(alone, HYPER, strict=True)]
+    for step in range(6):
+        grads = _fresh_grads(together, step)
+        for pairs in (together, alone):
+            for (a, b), (ga, gb) in zip(pairs, grads, strict=True):
+                a.grad, b.grad = ga.clone(), gb.clone()
+        opt.step()
+        for o in opts:
+            o._plan = None  # the general path: hyper-parameters read afresh
+            o.step()
+        for o in (opt, *opts):  # an lr schedule: the next step must use the new values
+            for group in o.param_groups:
+                group["lr"] *= 0.7
+    assert opt._plan is not None and len(opt._plan.calls) == 1  # one call for the three pairs, repeated
+    for (a, b), (ra, rb) in zip(together, alone, strict=True):
+        assert torch.equal(a, ra) and torch.equal(b, rb)
+
+
+def test_the_repeated_call_gives_way_whenever_what_it_relies_on_changes() -> None:
+    """Steps with a missing gradient, a factor whose storage was replaced, a non-contiguous gradient: the same
+    factors, bit for bit, as an optimizer that takes the general path at every step."""
+    pairs = _same_shape_pairs(3, seed=4)
+    ref_pairs = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in pairs]
+    opt, ref = (LoRARITE([p for pair in ps for p in pair], lr=0.01, implementation="fused")
+                for ps in (pairs, ref_pairs))
+    for step in range(8):
+        grads = _fresh_grads(pairs, step)
+        for ps in (pairs, ref_pairs):
+            for k, ((a, b), (ga, gb)) in enumerate(zip(ps, grads, strict=True)):
+                a.grad, b.grad = ga.clone(), gb.clone()
+                if step == 4 and k == 1:
+                    a.grad = None  # pair 1 sits this step out
+                if step == 6 and k == 2:  # the same values, strided
+                    a.grad = torch.empty(a.shape[::-1]).t().copy_(ga)
+                    assert not a.grad.is_contiguous()
+            if step == 2:
+                ps[0][0].data = ps[0][0].data.clone()  # new storage, same values
+        if step in (2, 4, 6):
+            assert opt._plan is not None  # made by the step before, and about to give way
+        ref._plan = None
+        opt.step()
+        ref.step()
+        for (a, b), (ra, rb) in zip(pairs, ref_pairs, strict=True):
+            assert torch.equal(a, ra) and torch.equal(b, rb), step
+    assert opt._plan is not None
