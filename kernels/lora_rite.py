@@ -353,7 +353,8 @@ class _FusedPlan:
     The general path of :meth:`LoRARITE.step` reads ~15 tensor attributes per pair and rebuilds its buckets
     (~0.5 ms a step for 48 pairs, 10 % of the step); a plan re-checks what the kernel trusts — the same
     parameter objects with unchanged data pointers (so unchanged storage: shapes and layout are checked whenever
-    a pointer changes, by the general path), both gradients present and contiguous (their dtype, shape and device
+    a pointer changes, by the general path; an in-place ``resize_`` that keeps the storage goes unnoticed, but
+    every write stays inside that storage), both gradients present and contiguous (their dtype, shape and device
     are the parameter's: torch enforces it) — gathers the gradients' addresses and the groups' hyper-parameters
     (an lr schedule changes nothing else), and makes the calls. Anything else falls back to the general path.
     """

@@ -94,7 +94,7 @@ def run_histogram(grid: Grid, setup: ServerSetup) -> dict[str, Any]:
             n_users = n_users or n
             with ledger.release(run_id, phase + 1, [EVERYONE], "user", events[phase], cfg.histogram_method):
                 noisy = est.add_noise(phase, np.asarray(total, dtype=np.float64), query, rng)
-                distribution = est.finish(noisy, n, query)
+                distribution = est.finish(noisy, n, query, None if coarse is None else (coarse, n_users))
             coarse = distribution
             row: dict[str, Any] = {"round": phase + 1, "users": n, "clients": len(got.ok),
                                    "failures": len(got.errors), "rejected": len(got.rejected),
