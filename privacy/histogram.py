@@ -31,7 +31,7 @@ the budget is split between them):
    alone). Each user contributes g_u = clip(c_u, L, U) / m, the aggregate T = Σ_u g_u gets N(0, (σ₂Δ₂)²) noise
    per item. L, U depend only on the private p̃ (post-processing). When n is so small that p̃_j is off by
    several counts / m (k = 1000, n = 1000 in the benchmark), the intervals miss the true counts and the fine
-   phase does worse than the baselines; its gain needs σ₁√2/n ≲ 1/m.
+   phase gains little or loses (m = 256, ε ≤ 1 there); its gain needs σ₁√2/n ≲ 1/m.
 3. *Debias*: under the model (every user's count of item j is Binomial(m, p_j)), E[g_uj] = G_j(p_j) with
    G_j(p) = E[clip(X, L_j, U_j)]/m, X ~ Bin(m, p), strictly increasing in p with slope
    G_j'(p) = P(L_j ≤ Bin(m − 1, p) < U_j) (the interval's mass); the estimate solves G_j(p̂_j) = T̃_j/n by
