@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -39,11 +40,18 @@ def cache_dir() -> Path:
     return Path(base) / "fedpriv" / "kernels"
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
+def _compiler() -> tuple[str | None, str]:
+    """The C compiler to use and ``""``, or None and why not. ``$CC``, when set, is the only candidate (as for
+    make): a typo there must not silently build with another compiler."""
+    chosen = os.environ.get("CC", "").strip()
+    if chosen:
+        if shutil.which(shlex.split(chosen)[0]):
+            return chosen, ""
+        return None, f"CC={chosen!r} is not an executable on PATH (unset CC to use cc, gcc or clang)"
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name, ""
+    return None, "no C compiler found (set CC, or install gcc)"
 
 
 @functools.cache
@@ -52,9 +60,9 @@ def _fingerprint(compiler: str) -> str:
     kind of CPU). The compiler is identified by its resolved path, size and mtime — an upgrade changes them —
     rather than by running it: a SuperNode starts a process per message, and this runs in each one."""
     try:
-        exe = os.path.realpath(shutil.which(compiler) or compiler)
+        exe = os.path.realpath(shutil.which(shlex.split(compiler)[0]) or compiler)
         st = os.stat(exe)
-        version = f"{exe}:{st.st_size}:{st.st_mtime_ns}"
+        version = f"{compiler}:{exe}:{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         version = compiler
     cpu = ""
@@ -75,9 +83,9 @@ def load(source: str, defines: tuple[tuple[str, str], ...]) -> tuple[ctypes.CDLL
     (library, reason)
         The loaded library and ``""``, or ``None`` and why it could not be built (for a log line).
     """
-    compiler = _compiler()
+    compiler, why = _compiler()
     if compiler is None:
-        return None, "no C compiler found (set CC, or install gcc)"
+        return None, why
     path = HERE / source
     try:
         text = path.read_bytes()
@@ -94,8 +102,8 @@ def load(source: str, defines: tuple[tuple[str, str], ...]) -> tuple[ctypes.CDLL
         except OSError as exc:
             return None, f"kernel cache {target.parent} not writable: {exc}"
         try:
-            proc = subprocess.run([compiler, *args, str(path), "-o", tmp, "-lm"], capture_output=True, text=True,
-                                  timeout=300)
+            proc = subprocess.run([*shlex.split(compiler), *args, str(path), "-o", tmp, "-lm"], capture_output=True,
+                                  text=True, timeout=300)
             if proc.returncode != 0:
                 return None, f"{compiler} failed on {path.name}: {proc.stderr.strip()[-500:]}"
             os.replace(tmp, target)

@@ -361,12 +361,14 @@ class _FusedPlan:
 
     def __init__(self, opt: LoRARITE, calls: list[_FusedCall]) -> None:
         self.calls, self.state, self.ngroups, self.nstate = calls, opt.state, len(opt.param_groups), len(opt.state)
+        self.implementation = opt.implementation
         self.params = [[p for i in c.groups for p in opt.param_groups[i]["params"]] for c in calls]
 
     def step(self, opt: LoRARITE) -> bool:
         """Make the calls and return True, or return False having changed nothing."""
         groups = opt.param_groups
-        if len(groups) != self.ngroups or opt.state is not self.state or len(opt.state) != self.nstate:
+        if (len(groups) != self.ngroups or opt.state is not self.state or len(opt.state) != self.nstate
+                or opt.implementation != self.implementation):
             return False
         for call, params in zip(self.calls, self.params, strict=True):
             addresses, hyper = call.addresses, call.hyper

@@ -141,7 +141,7 @@ def test_a_state_dict_moves_between_the_routes() -> None:
 
 
 def test_without_a_compiler_auto_falls_back_with_a_warning_and_fused_says_why(monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(cbuild, "_compiler", lambda: None)
+    monkeypatch.setattr(cbuild, "_compiler", lambda: (None, "no C compiler found (set CC, or install gcc)"))
     monkeypatch.setenv("FEDPRIV_KERNEL_CACHE", str(tmp_path))
     cbuild.load.cache_clear()
     monkeypatch.setattr("kernels.lora_rite._warned", set())
@@ -157,6 +157,21 @@ def test_without_a_compiler_auto_falls_back_with_a_warning_and_fused_says_why(mo
         torch.testing.assert_close(a.detach(), ref_a.detach(), rtol=0, atol=0)  # it took the torch route
         with pytest.raises(RuntimeError, match=r"^implementation: 'fused' LoRA-RITE is unavailable: no C compiler"):
             LoRARITE([a, b], lr=0.1, implementation="fused").step()
+        assert not list(tmp_path.iterdir())
+    finally:
+        cbuild.load.cache_clear()
+
+
+def test_a_cc_that_does_not_exist_is_named_not_replaced(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", "no-such-cc-1.0")
+    monkeypatch.setenv("FEDPRIV_KERNEL_CACHE", str(tmp_path))
+    cbuild.load.cache_clear()
+    try:
+        a = torch.randn(3, 7, requires_grad=True)
+        b = torch.randn(5, 3, requires_grad=True)
+        a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+        with pytest.raises(RuntimeError, match=r"unavailable: CC='no-such-cc-1.0' is not an executable on PATH"):
+            LoRARITE([a, b], implementation="fused").step()
         assert not list(tmp_path.iterdir())
     finally:
         cbuild.load.cache_clear()
