@@ -353,11 +353,11 @@ class HistogramEstimator:
         """Turn a noisy aggregate into a distribution (post-processing only).
 
         ``coarse``: for the fine phase of liu2020, the first phase's estimate and its number of users. Each
-        debiased fine estimate is then kept within ``COARSE_Z`` standard deviations σ₁√2/n of the coarse one
-        (about a confidence interval for p_j — p̃ is projected onto the simplex, which shifts it by ~0.1 s.d. —
-        that fails with probability ~6e-7 per item). The fine estimate inverts
-        G_j, which is flat where the interval sits far in the tail of item j's counts (a coarse estimate off by
-        a few counts / m: about 1 % of releases at n = 1600, k = 200, m = 64), so noise there moved p̂_j almost
+        debiased fine estimate is then kept within ``COARSE_Z`` standard deviations σ₁√2/n of the coarse one:
+        about a confidence interval for p_j that fails with probability ~6e-7 per item (p̃ is the projection onto
+        the simplex, shifted by a fraction of an s.d. in the settings measured). The fine estimate inverts G_j,
+        which is flat where the interval sits far in the tail of item j's counts (a coarse estimate off by a few
+        counts / m: about 1 % of releases at n = 1600, k = 200, m = 64), so noise there moved p̂_j almost
         anywhere — a target just above sup G_j sent it to 1 (ℓ1 error 1.8 instead of ~0.15); inside the interval
         nothing changes.
         """
