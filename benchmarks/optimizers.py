@@ -96,7 +96,7 @@ def run_step(device: torch.device, repeats: int, weight_decay: float) -> dict[st
     for _ in range(5):  # warm-up: state allocation, kernels (the CPU kernel is compiled, or loaded, here)
         for opt in opts.values():
             opt.step()
-    rite_route = "fused" if rites["lora_rite"]._fused_buckets else "torch"  # what the default resolved to
+    rite_route = "+".join(sorted(rites["lora_rite"].routes))  # what the default resolved to
     times: dict[str, list[float]] = {name: [] for name in opts}
     for _ in range(repeats):
         for name, opt in opts.items():

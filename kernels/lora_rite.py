@@ -456,6 +456,7 @@ class LoRARITE(torch.optim.Optimizer):
         self._buckets: dict[tuple[Any, ...], _Bucket] = {}
         self._fused_buckets: dict[tuple[Any, ...], _FusedBucket] = {}
         self._plan: _FusedPlan | None = None
+        self._routes: frozenset[str] = frozenset()
         super().__init__(items, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -463,6 +464,7 @@ class LoRARITE(torch.optim.Optimizer):
         self.__dict__.setdefault("_buckets", {})
         self.__dict__.setdefault("_fused_buckets", {})
         self.__dict__.setdefault("implementation", "auto")
+        self.__dict__.setdefault("_routes", frozenset())
         self._plan = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -520,6 +522,12 @@ class LoRARITE(torch.optim.Optimizer):
             self._plan = self._step_general()
         return loss
 
+    @property
+    def routes(self) -> frozenset[str]:
+        """The routes the last step took: ``{"fused"}`` (the CPU kernel), ``{"torch"}``, both (buckets of
+        different kinds), or empty (no step yet, or no pair had gradients)."""
+        return self._routes
+
     def _step_general(self) -> _FusedPlan | None:
         """One step, bucketing the pairs that have gradients; returns the plan that repeats it on the CPU kernel
         when every pair took part, on the kernel, with contiguous factors and gradients (else None)."""
@@ -535,8 +543,10 @@ class LoRARITE(torch.optim.Optimizer):
             buckets.setdefault((a.shape, b.shape, a.dtype, a.device), []).append((a, b, group))
             index[id(group)] = i
         plans: list[_FusedCall] | None = [] if len(index) == len(self.param_groups) else None
+        routes = set()
         for pairs in buckets.values():
             lib = self._kernel(pairs)
+            routes.add("torch" if lib is None else "fused")
             if lib is None:  # the torch route batches pairs of equal hyper-parameters
                 plans = None
                 same: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]] = {}
@@ -553,6 +563,7 @@ class LoRARITE(torch.optim.Optimizer):
                 plans.append(call)
             else:
                 plans = None
+        self._routes = frozenset(routes)
         return _FusedPlan(self, plans) if plans else None
 
     def _kernel(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]) -> Any:

@@ -152,7 +152,9 @@ def test_without_a_compiler_auto_falls_back_with_a_warning_and_fused_says_why(mo
         ref_a, ref_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
         ref_a.grad, ref_b.grad = a.grad.clone(), b.grad.clone()
         with pytest.warns(RuntimeWarning, match=r"the CPU kernel could not be built \(no C compiler found"):
-            LoRARITE([a, b], lr=0.1).step()
+            auto = LoRARITE([a, b], lr=0.1)
+            auto.step()
+        assert auto.routes == frozenset({"torch"})
         LoRARITE([ref_a, ref_b], lr=0.1, implementation="torch").step()
         torch.testing.assert_close(a.detach(), ref_a.detach(), rtol=0, atol=0)  # it took the torch route
         with pytest.raises(RuntimeError, match=r"^implementation: 'fused' LoRA-RITE is unavailable: no C compiler"):
@@ -245,6 +247,7 @@ def test_pairs_with_their_own_hyper_parameters_share_one_call_and_step_as_they_w
             for group in o.param_groups:
                 group["lr"] *= 0.7
     assert opt._plan is not None and len(opt._plan.calls) == 1  # one call for the three pairs, repeated
+    assert opt.routes == frozenset({"fused"})
     for (a, b), (ra, rb) in zip(together, alone, strict=True):
         assert torch.equal(a, ra) and torch.equal(b, rb)
 
