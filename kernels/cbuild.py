@@ -1,11 +1,12 @@
 """Compile a C kernel of this package at first use and load it with ctypes (the CPU analogue of Triton's JIT).
 
 A kernel is specialized by preprocessor constants (e.g. the LoRA rank and the element type), compiled with the
-system's C compiler (``$CC``, else ``cc``/``gcc``) for the host CPU (``-O3 -march=native``) and cached as a
-shared library under ``$FEDPRIV_KERNEL_CACHE`` (default ``~/.cache/fedpriv/kernels``), keyed by a hash of the
-source, the constants, the flags, the compiler binary and the CPU's feature flags — so a later process, e.g.
-a SuperNode's next ClientApp, loads it in about a millisecond. Several processes may build the same library at
-once: each writes its own temporary file and renames it into place.
+system's C compiler (``$CC`` when set, and then only it; else ``cc``/``gcc``/``clang``) for the host CPU
+(``-O3 -march=native``) and cached as a shared library under ``$FEDPRIV_KERNEL_CACHE`` (default
+``~/.cache/fedpriv/kernels``), keyed by a hash of the source, the constants, the flags, the compiler binary and
+the CPU's feature flags — so a later process, e.g. a SuperNode's next ClientApp, loads it in about a
+millisecond. Several processes may build the same library at once: each writes its own temporary file and
+renames it into place.
 
 Where no compiler works (or the cache cannot be written) :func:`load` returns ``None`` and the reason, and
 callers fall back to their torch implementation. This module imports the standard library only.

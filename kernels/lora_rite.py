@@ -222,9 +222,9 @@ class _FusedBucket:
                 if value.dtype != dtype or not value.is_contiguous() or value.device.type != "cpu":
                     st[key] = value.to(device="cpu", dtype=dtype, memory_format=torch.contiguous_format,
                                        copy=True)
-        order = ("step", "exp_avg", "exp_avg_sq", "escaped", "history", "prev_rinv")
-        # the kernel's storage: referenced here too, so that no address in the table can outlive its tensor
-        self.storage = [[states[side * n + i][key] for side in (0, 1) for key in order] for i in range(n)]
+        # the kernel's storage (in lora_rite_cpu.c's order, _STATE_KEYS): referenced here too, so that no address in
+        # the table can outlive its tensor
+        self.storage = [[states[side * n + i][key] for side in (0, 1) for key in _STATE_KEYS] for i in range(n)]
         self.state_table = torch.tensor([[x.data_ptr() for x in row] for row in self.storage], dtype=torch.int64)
         self.views = [st["exp_avg_sq"] for st in states]
         # eigenvalues of each V as the kernel's last eigendecomposition left them (recomputed on the first step)
@@ -365,7 +365,8 @@ class _FusedPlan:
         self.params = [[p for i in c.groups for p in opt.param_groups[i]["params"]] for c in calls]
 
     def step(self, opt: LoRARITE) -> bool:
-        """Make the calls and return True, or return False having changed nothing."""
+        """Make the calls and return True, or return False having stepped nothing (only this plan's own address
+        and hyper-parameter scratch arrays may have been rewritten; the general path builds new ones)."""
         groups = opt.param_groups
         if (len(groups) != self.ngroups or opt.state is not self.state or len(opt.state) != self.nstate
                 or opt.implementation != self.implementation):

@@ -374,7 +374,7 @@ class HistogramEstimator:
         fine = (lo + hi) / 2
         if coarse is not None and self.method == "liu2020":
             estimate, users = coarse
-            half = COARSE_Z * self.noise_multipliers()[0] * SQRT2 / users
+            half = COARSE_Z * self.noise_multipliers()[0] * self.query(0).l2_sensitivity / users
             fine = np.clip(fine, np.asarray(estimate) - half, np.asarray(estimate) + half)
         return project_to_simplex(fine)
 
