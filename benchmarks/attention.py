@@ -110,7 +110,11 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--cpu-batch-2048", type=int, default=2, help="B for L=2048 on CPU (8 is minutes)")
     parser.add_argument("--note", default="", help="a remark appended to the README table (e.g. machine load)")
+    parser.add_argument("--results-name", default=None,
+                        help="results/<name>.json and README section (default: attention, attention_cuda for --device "
+                             "cuda, so GPU figures taken elsewhere do not replace the CPU ones)")
     args = parser.parse_args()
+    name = args.results_name or ("attention_cuda" if args.device == "cuda" else "attention")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -128,7 +132,7 @@ def main() -> None:
     if write_results is None:
         print(json.dumps(payload, indent=2))
     else:
-        print(write_results("attention", payload, md))
+        print(write_results(name, payload, md))
     print(md)
 
 

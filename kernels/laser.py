@@ -365,9 +365,9 @@ def _laser_triton_route(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None
 ) -> torch.Tensor:
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, low = _laser_triton().laser_attention_triton(q, k, v, is_causal, sc)  # fp32 (B, H, L, D), (B, H, L)
-    if bool(low.any()):
-        out = _exact_rows(out, low, q, k, v, None, is_causal, scale)
+    out, low = _laser_triton().laser_attention_triton(q, k, v, is_causal, sc)  # q's dtype (B, H, L, D), (B, H, L)
+    if bool(low.any()):  # the exact rows are computed in float32 at least
+        out = _exact_rows(out.to(torch.promote_types(out.dtype, torch.float32)), low, q, k, v, None, is_causal, scale)
     return out.to(q.dtype)
 
 

@@ -3,14 +3,17 @@ r"""Fused Triton kernels for LASER attention (forward and backward), flash-atten
 LASER (Duvvuri & Dhillon, arXiv:2411.03493): ``O = log(softmax(Q Kᵀ·scale) · exp(V))``. The kernels follow
 the structure of Triton's fused-attention tutorial (Flash-Attention 2: one program per query block in the
 forward pass, online softmax, recomputation of P from the saved row log-sum-exp in the backward pass). The
-LASER-specific parts are fused into the tiles:
+LASER-specific parts are fused around the tiles:
 
 Forward, per (batch·head, query block)::
 
-    m_d  = max_j V_jd                     column max over the attendable keys, computed by torch beforehand
-    E_jd = exp(min(V_jd - m_d, 0))        computed per key tile from V in registers (never stored)
+    m_d  = max_j V_jd                     column max over the attendable keys (torch, beforehand)
+    E_jd = exp(min(V_jd - m_d, 0))        once per key by an elementwise kernel, stored in the GEMM dtype, so
+                                          that the attention kernels read it as a plain (pipelined) operand
     acc  = Σ_j p̃_ij E_jd,  l_i = Σ_j p̃_ij  online softmax (p̃ = exp(s - running max), rescaled by alpha)
-    O    = log(acc / l) + m               stored in float32; lse_i = running max + log2(l_i) for backward
+    O    = log(acc / l) + m               stored in float32 (kept for backward) and in the input dtype;
+                                          lse_i = running max + log2(l_i) for backward; a row flag where
+                                          min_d acc/l underflowed (the caller recomputes those rows exactly)
 
 Backward. With ``A = P E = exp(O - m)`` (so ``O = log(P E) + m``) and ``G = dL/dO``::
 
@@ -22,7 +25,8 @@ Backward. With ``A = P E = exp(O - m)`` (so ``O = log(P E) + m``) and ``G = dL/d
     dQ = scale · dS K,   dK = scale · dSᵀ Q
 
 so the backward kernels are the flash-attention backward with V replaced by E, dO replaced by G̃, Δ = rowsum(G),
-and dV multiplied by E at the end. G̃ and Δ are prepared by torch (O(L·D) work); a row whose weighted sum
+and dV multiplied by E at the end. G̃ and Δ are prepared by an elementwise kernel (O(L·D) work, G̃ in the GEMM
+dtype); the gradients are written in the input dtype. A row whose weighted sum
 underflowed (O = -inf) is recomputed exactly by :mod:`kernels.laser`, which makes its G zero, and G̃ is set to 0
 wherever G is 0, so such rows contribute nothing here. The closed form is checked against autograd on CPU by
 :func:`kernels.laser.laser_attention_backward_reference` (same formulas, plain torch).
@@ -38,6 +42,7 @@ This module imports triton at import time; :mod:`kernels.laser` imports it lazil
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -52,11 +57,28 @@ _LOG_UNDERFLOW = math.log(torch.finfo(torch.float32).tiny) + 32 * math.log(2.0)
 
 
 @triton.jit
+def _exp_shift_kernel(
+    V, Mcol, E,  # (BH, S, D), (BH, D) f32, (BH, S, D) in the GEMM dtype
+    S, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """E = exp(min(V - m, 0)), once per key (the attention kernels read E as a plain GEMM operand)."""
+    off_hz = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows < S
+    ptr = off_hz * S * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    v = tl.load(V + ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    mcol = tl.load(Mcol + off_hz * HEAD_DIM + offs_d)
+    # E <= 1 for every attendable key; the clamp only touches keys no query attends (causal keys >= L)
+    tl.store(E + ptr, tl.exp(tl.minimum(v - mcol[None, :], 0.0)).to(E.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _laser_fwd_kernel(
-    Q, K, V, Mcol, Out, Lse,  # (BH, L, D), (BH, S, D), (BH, S, D), (BH, D) f32, (BH, L, D) f32, (BH, L) f32
-    sm_scale, L, S,
+    Q, K, E, Mcol, Out, OutC, Lse, Low,  # (BH, L, D), (BH, S, D), (BH, S, D), (BH, D) f32, (BH, L, D) f32,
+    sm_scale, low_log, L, S,  # (BH, L, D) input dtype (CAST only), (BH, L) f32, (BH, L) int8
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, CAST: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1).to(tl.int64)
@@ -99,27 +121,49 @@ def _laser_fwd_kernel(
         p = tl.math.exp2(qk - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        # E = exp(V - m) <= 1 for every attendable key; the clamp only touches keys no query attends
-        # (causal keys >= L), whose p is 0, and keeps 0·inf out of the dot. Out-of-range keys get E = 0.
-        e = tl.exp(tl.minimum(v.to(tl.float32) - mcol[None, :], 0.0))
-        e = tl.where(col_ok[:, None], e, 0.0)
+        # out-of-range keys load E = 0 (their p is 0 too: no 0·garbage in the dot)
+        e = tl.load(E + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None]
         if IEEE:
             acc = tl.dot(p, e, acc, input_precision="ieee")
         else:
-            acc = tl.dot(p.to(q.dtype), e.to(q.dtype), acc)
+            acc = tl.dot(p.to(e.dtype), e, acc)
         m_i = m_ij
 
     # l_i >= 1 (the running max contributes exp2(0)); acc / l_i = Σ_j P_ij E_jd = exp(O - m)
-    out = tl.log(acc / l_i[:, None]) + mcol[None, :]
-    tl.store(Out + q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+    log_a = tl.log(acc / l_i[:, None])
+    out = log_a + mcol[None, :]
+    out_off = q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(Out + out_off, out, mask=row_ok[:, None])
+    if CAST:
+        tl.store(OutC + out_off, out.to(OutC.dtype.element_ty), mask=row_ok[:, None])
     tl.store(Lse + off_hz * L + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    # rows with an underflowed weighted sum (A < tiny·2^32, or 0) are recomputed exactly by the caller
+    tl.store(Low + off_hz * L + offs_m, (tl.min(log_a, 1) < low_log).to(tl.int8), mask=row_ok)
+
+
+@triton.jit
+def _laser_bwd_prep_kernel(
+    G, Out, Mcol, Gt, Delta,  # (BH, L, D) any float, (BH, L, D) f32, (BH, D) f32, (BH, L, D) GEMM dtype, (BH, L) f32
+    L, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """G̃ = G·exp(m - O) (0 where G = 0: rows recomputed exactly upstream may hold O = -inf) and Δ = Σ_d G."""
+    off_hz = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows < L
+    ptr = off_hz * L * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    g = tl.load(G + ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(Out + ptr, mask=ok[:, None], other=0.0)
+    mcol = tl.load(Mcol + off_hz * HEAD_DIM + offs_d)
+    gt = tl.where(g == 0.0, 0.0, g * tl.exp(mcol[None, :] - o))
+    tl.store(Gt + ptr, gt.to(Gt.dtype.element_ty), mask=ok[:, None])
+    tl.store(Delta + off_hz * L + rows, tl.sum(g, 1), mask=ok)
 
 
 @triton.jit
 def _laser_bwd_dkdv_kernel(
-    Q, K, V, Mcol, Gt, Lse, Delta, DK, DV,  # Gt (BH, L, D) f32, Delta (BH, L) f32, DK/DV (BH, S, D) f32
+    Q, K, E, Gt, Lse, Delta, DK, DV,  # Gt (BH, L, D) GEMM dtype, Delta (BH, L) f32, DK/DV (BH, S, D) input dtype
     sm_scale, L, S,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
@@ -134,10 +178,7 @@ def _laser_bwd_dkdv_kernel(
     col_ok = cols < S
 
     k = tl.load(K + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    mcol = tl.load(Mcol + off_hz * HEAD_DIM + offs_d)
-    e = tl.exp(tl.minimum(v.to(tl.float32) - mcol[None, :], 0.0))  # (BLOCK_N, D) f32, E = exp(V - m)
-    e = tl.where(col_ok[:, None], e, 0.0)
+    e = tl.load(E + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # Σ_i dS_ij q_i  (scaled at the end)
@@ -167,8 +208,8 @@ def _laser_bwd_dkdv_kernel(
             de = tl.dot(pT, gt, de, input_precision="ieee")  # += Pᵀ G̃
             dpT = tl.dot(e, tl.trans(gt), input_precision="ieee")  # dP_ijᵀ = Σ_d E_jd G̃_id
         else:
-            de = tl.dot(pT.to(q.dtype), gt.to(q.dtype), de)
-            dpT = tl.dot(e.to(q.dtype), tl.trans(gt.to(q.dtype)))
+            de = tl.dot(pT.to(gt.dtype), gt, de)
+            dpT = tl.dot(e, tl.trans(gt))
         dsT = pT * (dpT - delta[None, :])  # dS_ijᵀ = P_ij (dP_ij - Δ_i)
         if IEEE:
             dk = tl.dot(dsT, q, dk, input_precision="ieee")
@@ -176,13 +217,13 @@ def _laser_bwd_dkdv_kernel(
             dk = tl.dot(dsT.to(q.dtype), q, dk)
 
     out_off = kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DV + out_off, de * e, mask=col_ok[:, None])  # dV = E ⊙ dL/dE
-    tl.store(DK + out_off, dk * sm_scale, mask=col_ok[:, None])
+    tl.store(DV + out_off, (de * e.to(tl.float32)).to(DV.dtype.element_ty), mask=col_ok[:, None])  # dV = E ⊙ dL/dE
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
 def _laser_bwd_dq_kernel(
-    Q, K, V, Mcol, Gt, Lse, Delta, DQ,  # DQ (BH, L, D) f32
+    Q, K, E, Gt, Lse, Delta, DQ,  # DQ (BH, L, D) input dtype
     sm_scale, L, S,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
@@ -200,7 +241,6 @@ def _laser_bwd_dq_kernel(
     gt = tl.load(Gt + q_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(Lse + off_hz * L + rows, mask=row_ok, other=0.0)
     delta = tl.load(Delta + off_hz * L + rows, mask=row_ok, other=0.0)
-    mcol = tl.load(Mcol + off_hz * HEAD_DIM + offs_d)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
@@ -212,9 +252,7 @@ def _laser_bwd_dq_kernel(
         cols = start_n + offs_n
         col_ok = cols < S
         k = tl.load(K + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        e = tl.exp(tl.minimum(v.to(tl.float32) - mcol[None, :], 0.0))
-        e = tl.where(col_ok[:, None], e, 0.0)  # (BLOCK_N, D)
+        e = tl.load(E + kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -227,27 +265,50 @@ def _laser_bwd_dq_kernel(
         if IEEE:
             dp = tl.dot(gt, tl.trans(e), input_precision="ieee")  # dP = G̃ Eᵀ
         else:
-            dp = tl.dot(gt.to(q.dtype), tl.trans(e.to(q.dtype)))
+            dp = tl.dot(gt, tl.trans(e))
         ds = p * (dp - delta[:, None])
         if IEEE:
             dq = tl.dot(ds, k, dq, input_precision="ieee")
         else:
             dq = tl.dot(ds.to(q.dtype), k, dq)
 
-    tl.store(DQ + q_base + rows[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale, mask=row_ok[:, None])
+    tl.store(DQ + q_base + rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
-def _blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): conservative tiles that fit registers/shared memory on sm80+."""
+class _Tiles(NamedTuple):
+    """Launch shape of one kernel: query rows × key columns per tile, warps, software-pipelining stages."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+def _tiles(head_dim: int, dtype: torch.dtype) -> dict[str, _Tiles]:
+    """Tiles of the forward, dK/dV and dQ kernels. bfloat16, D ≤ 64: the fastest of a sweep on an H100
+    (benchmarks/results/attention_cuda.json, ``tile_sweep``); otherwise conservative shapes whose shared memory
+    fits every GPU from sm_80 on, consumer parts (≤ 99 KB a block) included."""
     if dtype == torch.float32:
-        return (32, 32, 4) if head_dim <= 64 else (32, 32, 8)
-    return (64, 64, 4) if head_dim <= 64 else (64, 32, 8)
+        t = _Tiles(32, 32, 4, 3) if head_dim <= 64 else _Tiles(32, 32, 8, 2)
+        return {"fwd": t, "dkdv": t, "dq": t}
+    if head_dim <= 64:
+        return {"fwd": _Tiles(128, 64, 8, 3), "dkdv": _Tiles(32, 128, 4, 3), "dq": _Tiles(128, 32, 8, 3)}
+    t = _Tiles(64, 32, 8, 3)
+    return {"fwd": t, "dkdv": t, "dq": t}
+
+
+def _launch(t: _Tiles) -> dict[str, int]:
+    return {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "num_warps": t.warps, "num_stages": t.stages}
 
 
 def _column_max(v: torch.Tensor, L: int, causal: bool) -> torch.Tensor:
     """Float32 (B, H, D) max of V over the keys some query attends (causal, L < S: the first L keys)."""
     keys = min(L, v.shape[2]) if causal else v.shape[2]
     return v[:, :, :keys, :].amax(dim=2).float().contiguous()
+
+
+_ELEMENTWISE_BLOCK = 64  # rows per program of the elementwise kernels
 
 
 class _LaserTriton(torch.autograd.Function):
@@ -257,44 +318,47 @@ class _LaserTriton(torch.autograd.Function):
         S = k.shape[2]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         m = _column_max(v, L, causal)  # (B, H, D) f32
-        out = torch.empty((B, H, L, D), device=q.device, dtype=torch.float32)
+        e = torch.empty_like(v)  # E = exp(V - m) in the GEMM dtype (float32 or bfloat16: q's)
+        _exp_shift_kernel[(triton.cdiv(S, _ELEMENTWISE_BLOCK), B * H)](v, m, e, S, HEAD_DIM=D,
+                                                                         BLOCK=_ELEMENTWISE_BLOCK)
+        out = torch.empty((B, H, L, D), device=q.device, dtype=torch.float32)  # kept for the backward pass
+        cast = q.dtype != torch.float32
+        out_c = torch.empty_like(q) if cast else out  # what the caller gets, in q's dtype
         lse = torch.empty((B * H, L), device=q.device, dtype=torch.float32)
-        block_m, block_n, warps = _blocks(D, q.dtype)
-        ieee = q.dtype == torch.float32
-        grid = (triton.cdiv(L, block_m), B * H)
-        _laser_fwd_kernel[grid](
-            q, k, v, m, out, lse, scale, L, S,
-            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, IEEE=ieee, num_warps=warps,
+        low = torch.empty((B, H, L), device=q.device, dtype=torch.int8)
+        t = _tiles(D, q.dtype)["fwd"]
+        _laser_fwd_kernel[(triton.cdiv(L, t.block_m), B * H)](
+            q, k, e, m, out, out_c, lse, low, scale, _LOG_UNDERFLOW, L, S,
+            HEAD_DIM=D, CAUSAL=causal, IEEE=not cast, CAST=cast, **_launch(t),
         )
-        # rows with an underflowed weighted sum (A < tiny·2^32, or -inf); NaN compares False
-        low = ((out - m[:, :, None, :]) < _LOG_UNDERFLOW).any(dim=-1)  # (B, H, L)
-        ctx.save_for_backward(q, k, v, m, out, lse)
+        ctx.save_for_backward(q, k, e, m, out, lse)
         ctx.causal, ctx.scale = causal, scale
+        low = low.view(torch.bool)
         ctx.mark_non_differentiable(low)
-        return out, low
+        return out_c, low
 
     @staticmethod
     def backward(ctx, g_out, _g_low):  # type: ignore[override]
-        q, k, v, m, out, lse = ctx.saved_tensors
+        q, k, e, m, out, lse = ctx.saved_tensors
         B, H, L, D = q.shape
         S = k.shape[2]
-        g = g_out.float().contiguous()
-        # G̃ = G·exp(m - O) = dL/dA; 0 where G = 0 (rows recomputed exactly upstream may hold O = -inf)
-        gt = torch.where(g == 0, torch.zeros_like(g), g * torch.exp(m[:, :, None, :] - out)).contiguous()
-        delta = g.sum(dim=-1).reshape(B * H, L).contiguous()  # Δ_i = Σ_d G_id
-        dq = torch.empty((B, H, L, D), device=q.device, dtype=torch.float32)
-        dk = torch.empty((B, H, S, D), device=q.device, dtype=torch.float32)
-        dv = torch.empty((B, H, S, D), device=q.device, dtype=torch.float32)
-        block_m, block_n, warps = _blocks(D, q.dtype)
-        ieee = q.dtype == torch.float32
-        common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=ctx.causal, IEEE=ieee, num_warps=warps)
-        _laser_bwd_dkdv_kernel[(triton.cdiv(S, block_n), B * H)](
-            q, k, v, m, gt, lse, delta, dk, dv, ctx.scale, L, S, **common
+        g = g_out.contiguous()
+        gt = torch.empty_like(q)  # G̃ = dL/dA in the GEMM dtype
+        delta = torch.empty((B * H, L), device=q.device, dtype=torch.float32)  # Δ_i = Σ_d G_id
+        _laser_bwd_prep_kernel[(triton.cdiv(L, _ELEMENTWISE_BLOCK), B * H)](g, out, m, gt, delta, L, HEAD_DIM=D,
+                                                                             BLOCK=_ELEMENTWISE_BLOCK)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(e)
+        tiles = _tiles(D, q.dtype)
+        common = {"HEAD_DIM": D, "CAUSAL": ctx.causal, "IEEE": q.dtype == torch.float32}
+        t = tiles["dkdv"]
+        _laser_bwd_dkdv_kernel[(triton.cdiv(S, t.block_n), B * H)](
+            q, k, e, gt, lse, delta, dk, dv, ctx.scale, L, S, **common, **_launch(t)
         )
-        _laser_bwd_dq_kernel[(triton.cdiv(L, block_m), B * H)](
-            q, k, v, m, gt, lse, delta, dq, ctx.scale, L, S, **common
+        t = tiles["dq"]
+        _laser_bwd_dq_kernel[(triton.cdiv(L, t.block_m), B * H)](
+            q, k, e, gt, lse, delta, dq, ctx.scale, L, S, **common, **_launch(t)
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq, dk, dv, None, None
 
 
 def laser_attention_triton(
@@ -314,7 +378,7 @@ def laser_attention_triton(
     Returns
     -------
     out : torch.Tensor
-        (B, H, L, D) float32 LASER output (differentiable w.r.t. q, k, v).
+        (B, H, L, D) LASER output in q's dtype (differentiable w.r.t. q, k, v).
     low : torch.Tensor
         (B, H, L) bool: rows whose weighted sum underflowed; the caller recomputes them exactly.
     """

@@ -76,10 +76,21 @@ bucket instead (kernels/lora_rite_cpu.c, compiled at first use by :mod:`kernels.
 dtype): per two pairs, a pass per factor for its Grams, the r×r algebra of the four factors in the lanes of one
 float64 vector (Jacobi eigensolver), and a pass per factor for the moment and factor update; the per-parameter
 state tensors are its storage (4.1 ms, 1.6× fused AdamW; benchmarks/README.md). The batched torch route is its
-reference (tests/kernels/test_lora_rite_cpu.py) and is used on GPUs, for other dtypes, for ranks above 32, and
-where no C compiler is available. Once a step has run every pair on the kernel, later steps repeat its calls
+reference (tests/kernels/test_lora_rite_cpu.py) and is used for other dtypes, for ranks above 32, and where no C
+compiler is available. Once a step has run every pair on the kernel, later steps repeat its calls
 (:class:`_FusedPlan`) after checking only what the kernel trusts, which takes the Python side of a step from
 ~0.45 to ~0.24 ms for 48 pairs.
+
+CUDA kernel. On a GPU the batched route is a few hundred small launches and three waits for the device (two
+eigendecompositions, one singularity check): 3.6 ms a step for the 48 pairs above on an H100, bound by the host,
+7.2× torch's fused AdamW there (0.50 ms, itself bound by the host; benchmarks/results/optimizers_cuda.json).
+``"fused"`` on CUDA launches one kernel per bucket instead (kernels/lora_rite_cuda.cu, compiled at first use by nvcc
+for the device's architecture, ranks up to 16): one block per pair does the Grams (all threads), the r×r algebra of
+both factors (one thread each, float64, the CPU kernel's algorithm) and the updates. It takes the same arguments and
+state as the CPU kernel, so :class:`_FusedBucket`, :class:`_FusedCall` and :class:`_FusedPlan` serve both. Its
+device code is tested against the torch route on every machine, compiled for the host under a CUDA emulation
+(tests/kernels/test_lora_rite_cuda_emulated.py), and on CUDA devices by tests/kernels/test_lora_rite_cpu.py; it has
+not yet run on a GPU, so ``"auto"`` keeps the torch route on CUDA until it has been measured there.
 
 This module imports torch (and the standard library) only.
 """
@@ -101,6 +112,7 @@ __all__ = ["LoRARITE", "make_fused_adamw"]
 
 IMPLEMENTATIONS = ("auto", "fused", "torch")
 FUSED_MAX_RANK = 32  # the C kernel keeps its r×r work on the stack (~14 matrices of r×r×4 doubles); larger: torch
+CUDA_MAX_RANK = 16  # the CUDA kernel keeps it in shared memory (26 r×r doubles per pair: 53 KB at r = 16)
 _C_TYPES = {torch.float32: "float", torch.float64: "double"}
 _warned: set[str] = set()
 
@@ -176,8 +188,20 @@ def _escaped_mass(lam_old: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "escaped", "history", "prev_rinv")
 
 
-def _fused_library(rank: int, dtype: torch.dtype) -> tuple[Any, str]:
-    """The C kernel for this rank and dtype (compiled at first use) and ``""``, or ``None`` and why not."""
+def _fused_library(rank: int, dtype: torch.dtype, device: torch.device) -> tuple[Any, str]:
+    """The fused kernel for this rank, dtype and device (compiled at first use) and ``""``, or ``None`` and why
+    not: the C kernel on CPUs, the CUDA kernel on CUDA devices."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        lib, why = cbuild.load("lora_rite_cuda.cu", (("RANK", str(rank)), ("REAL", _C_TYPES[dtype])),
+                               arch=f"{major}{minor}")
+        if lib is not None and lib.lora_rite_step_cuda.argtypes is None:
+            lib.lora_rite_step_cuda.argtypes = ([ctypes.c_int64] * 3 + [ctypes.c_void_p] * 6 + [ctypes.c_int64]
+                                                + [ctypes.c_double, ctypes.c_void_p, ctypes.c_int64])
+            lib.lora_rite_step_cuda.restype = ctypes.c_int
+            lib.lora_rite_cuda_error.argtypes = [ctypes.c_int]
+            lib.lora_rite_cuda_error.restype = ctypes.c_char_p
+        return lib, why
     itemsize = torch.finfo(dtype).bits // 8
     lanes = math.gcd(rank, 32 // itemsize)  # a row of B as vectors of ≤ 32 bytes
     lib, why = cbuild.load("lora_rite_cpu.c", (("RANK", str(rank)), ("REAL", _C_TYPES[dtype]), ("TLANES", str(lanes))))
@@ -188,28 +212,36 @@ def _fused_library(rank: int, dtype: torch.dtype) -> tuple[Any, str]:
     return lib, why
 
 
+def _kernel_name(device: torch.device) -> str:
+    return "the CUDA kernel" if device.type == "cuda" else "the CPU kernel"
+
+
 def _fused_unsupported(pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]) -> str:
-    """Why the C kernel does not apply to this bucket, or ``""``."""
+    """Why the fused kernel does not apply to this bucket, or ``""``."""
     a = pairs[0][0]
-    if a.device.type != "cpu":
-        return f"the CPU kernel does not run on {a.device.type} tensors"
+    if a.device.type not in ("cpu", "cuda"):
+        return f"the fused kernels run on CPU and CUDA tensors, not {a.device.type}"
+    name = _kernel_name(a.device)
     if a.dtype not in _C_TYPES:
-        return f"the CPU kernel handles float32 and float64 factors, got {a.dtype}"
-    if not a.shape[0] <= FUSED_MAX_RANK:
-        return f"the CPU kernel handles ranks up to {FUSED_MAX_RANK}, got {a.shape[0]}"
+        return f"{name} handles float32 and float64 factors, got {a.dtype}"
+    limit = CUDA_MAX_RANK if a.device.type == "cuda" else FUSED_MAX_RANK
+    if not a.shape[0] <= limit:
+        return f"{name} handles ranks up to {limit}, got {a.shape[0]}"
     return ""
 
 
 class _FusedBucket:
-    """State addresses of N LoRA pairs for the C kernel: 12 int64 per pair (see lora_rite_cpu.c), filled once.
+    """State addresses of N LoRA pairs for the fused kernel: 12 int64 per pair (see lora_rite_cpu.c), filled once,
+    on the pairs' device.
 
     The per-parameter state tensors are the kernel's storage (made contiguous, in the dtypes the kernel expects,
-    when the bucket is built)."""
+    on the pairs' device, when the bucket is built)."""
 
     def __init__(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         n = len(params) // 2
         r = params[0].shape[0]
         wide = params[0].dtype
+        device = params[0].device
         for p, st in zip(params, states, strict=True):
             expected = {"step": ((), torch.float32), "exp_avg": (p.shape, wide), "history": ((2, *p.shape), wide),
                         "exp_avg_sq": ((r, r), torch.float64), "escaped": ((), torch.float64),
@@ -219,16 +251,17 @@ class _FusedBucket:
                 if tuple(value.shape) != tuple(shape):  # the kernel writes through raw pointers: never guess
                     raise ValueError(f"state: '{key}' of a factor of shape {tuple(p.shape)} has shape "
                                      f"{tuple(value.shape)}, expected {tuple(shape)} (a state_dict of other params?)")
-                if value.dtype != dtype or not value.is_contiguous() or value.device.type != "cpu":
-                    st[key] = value.to(device="cpu", dtype=dtype, memory_format=torch.contiguous_format,
+                if value.dtype != dtype or not value.is_contiguous() or value.device != device:
+                    st[key] = value.to(device=device, dtype=dtype, memory_format=torch.contiguous_format,
                                        copy=True)
         # the kernel's storage (in lora_rite_cpu.c's order, _STATE_KEYS): referenced here too, so that no address in
         # the table can outlive its tensor
         self.storage = [[states[side * n + i][key] for side in (0, 1) for key in _STATE_KEYS] for i in range(n)]
-        self.state_table = torch.tensor([[x.data_ptr() for x in row] for row in self.storage], dtype=torch.int64)
+        self.state_table = torch.tensor([[x.data_ptr() for x in row] for row in self.storage], dtype=torch.int64,
+                                        device=device)
         self.views = [st["exp_avg_sq"] for st in states]
         # eigenvalues of each V as the kernel's last eigendecomposition left them (recomputed on the first step)
-        self.lam = torch.zeros(2 * n, r, dtype=torch.float64)
+        self.lam = torch.zeros(2 * n, r, dtype=torch.float64, device=device)
         self.lam_known = 0
 
     def owns(self, states: list[dict[str, Any]]) -> bool:
@@ -331,19 +364,33 @@ def _cached_bucket(cache: dict[tuple[Any, ...], Any], params: list[torch.Tensor]
 
 
 class _FusedCall:
-    """One C-kernel call over a bucket: its arrays of addresses (4 per pair) and hyper-parameters (5 per pair)."""
+    """One fused-kernel call over a bucket: its arrays of addresses (4 per pair) and hyper-parameters (5 per
+    pair), host arrays (a CUDA call copies them into device buffers of its own, in stream order)."""
 
     def __init__(self, lib: Any, bucket: _FusedBucket, addresses: array, hyper: array, n: int, n_in: int,
                  n_out: int, rel_tol: float) -> None:
         self.lib, self.bucket, self.addresses, self.hyper = lib, bucket, addresses, hyper
         self.n, self.n_in, self.n_out, self.rel_tol = n, n_in, n_out, rel_tol
         self.groups: list[int] = []  # the bucket's pairs as indices into param_groups (set by the plan's maker)
+        self.device = bucket.lam.device
+        if self.device.type == "cuda":
+            self.addresses_dev = torch.empty(4 * n, dtype=torch.int64, device=self.device)
+            self.hyper_dev = torch.empty(5 * n, dtype=torch.float64, device=self.device)
 
     def run(self) -> None:
         bk = self.bucket
-        self.lib.lora_rite_step(self.n, self.n_in, self.n_out, self.addresses.buffer_info()[0],
-                                bk.state_table.data_ptr(), self.hyper.buffer_info()[0], bk.lam.data_ptr(),
-                                bk.lam_known, self.rel_tol)
+        if self.device.type == "cuda":
+            code = self.lib.lora_rite_step_cuda(
+                self.n, self.n_in, self.n_out, self.addresses.buffer_info()[0], self.addresses_dev.data_ptr(),
+                bk.state_table.data_ptr(), self.hyper.buffer_info()[0], self.hyper_dev.data_ptr(), bk.lam.data_ptr(),
+                bk.lam_known, self.rel_tol, torch.cuda.current_stream(self.device).cuda_stream, self.device.index)
+            if code:
+                why = self.lib.lora_rite_cuda_error(code).decode()
+                raise RuntimeError(f"LoRA-RITE: the CUDA kernel failed ({why}); implementation='torch' runs without it")
+        else:
+            self.lib.lora_rite_step(self.n, self.n_in, self.n_out, self.addresses.buffer_info()[0],
+                                    bk.state_table.data_ptr(), self.hyper.buffer_info()[0], bk.lam.data_ptr(),
+                                    bk.lam_known, self.rel_tol)
         bk.lam_known = 1
 
 
@@ -409,8 +456,10 @@ class LoRARITE(torch.optim.Optimizer):
     weight_decay : float
         Decoupled weight decay: both factors are multiplied by ``1 - lr·weight_decay`` each step.
     implementation : {"auto", "fused", "torch"}
-        ``"fused"``: the C kernel for CPU pairs of float32/float64 factors with rank ≤ 32 (an error where it
-        cannot be built or does not apply); ``"torch"``: the batched torch route everywhere; ``"auto"``: the
+        ``"fused"``: the fused kernel for pairs of float32/float64 factors — the C kernel on CPUs (rank ≤ 32),
+        the CUDA kernel on CUDA devices (rank ≤ 16) — (an error where it cannot be built or does not apply);
+        ``"torch"``: the batched torch route everywhere; ``"auto"``: on CUDA the torch route (the CUDA kernel
+        is opt-in until measured on hardware), elsewhere the
         kernel where it applies and builds, else (with one warning if the build failed) the torch route. The
         routes agree to rounding and share the state format, so a state_dict moves between them.
 
@@ -525,12 +574,12 @@ class LoRARITE(torch.optim.Optimizer):
 
     @property
     def routes(self) -> frozenset[str]:
-        """The routes the last step took: ``{"fused"}`` (the CPU kernel), ``{"torch"}``, both (buckets of
+        """The routes the last step took: ``{"fused"}`` (the CPU or CUDA kernel), ``{"torch"}``, both (buckets of
         different kinds), or empty (no step yet, or no pair had gradients)."""
         return self._routes
 
     def _step_general(self) -> _FusedPlan | None:
-        """One step, bucketing the pairs that have gradients; returns the plan that repeats it on the CPU kernel
+        """One step, bucketing the pairs that have gradients; returns the plan that repeats it on the fused kernel
         when every pair took part, on the kernel, with contiguous factors and gradients (else None)."""
         buckets: dict[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]] = {}
         index: dict[int, int] = {}
@@ -568,25 +617,26 @@ class LoRARITE(torch.optim.Optimizer):
         return _FusedPlan(self, plans) if plans else None
 
     def _kernel(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]) -> Any:
-        """The C kernel for this bucket, or None for the torch route (see ``implementation``)."""
-        if self.implementation == "torch":
-            return None
+        """The fused kernel for this bucket, or None for the torch route (see ``implementation``)."""
+        if self.implementation == "torch" or (self.implementation == "auto" and pairs[0][0].device.type == "cuda"):
+            return None  # "auto" on CUDA: the torch route until the CUDA kernel has run on hardware (module docs)
         why = _fused_unsupported(pairs)
         lib = None
         if not why:
             a = pairs[0][0]
-            lib, why = _fused_library(a.shape[0], a.dtype)
+            lib, why = _fused_library(a.shape[0], a.dtype, a.device)
             if lib is None and self.implementation == "auto" and why not in _warned:
                 _warned.add(why)
-                warnings.warn(f"LoRA-RITE: the CPU kernel could not be built ({why}); using the slower torch "
-                              "route", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"LoRA-RITE: {_kernel_name(a.device)} could not be built ({why}); using the slower "
+                              "torch route", RuntimeWarning, stacklevel=3)
         if lib is None and self.implementation == "fused":
             raise RuntimeError(f"implementation: 'fused' LoRA-RITE is unavailable: {why}")
         return lib
 
     def _step_fused(self, pairs: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
                     lib: Any) -> _FusedCall | None:
-        """One step of the C kernel for N pairs of equal shapes (see lora_rite_cpu.c); returns the call, ready to
+        """One step of the fused kernel for N pairs of equal shapes (lora_rite_cpu.c, lora_rite_cuda.cu); returns
+        the call, ready to
         be repeated by a :class:`_FusedPlan`, if the factors and gradients were contiguous (else None)."""
         a0, b0 = pairs[0][0], pairs[0][1]
         dtype, n = a0.dtype, len(pairs)

@@ -1,7 +1,7 @@
-"""The fused CPU kernel of LoRA-RITE (kernels/lora_rite_cpu.c) against its reference, the batched torch route:
-the same trajectories and state over many steps, ranks and shapes (vector tails included), from the singular
-B = 0 start, with weight decay and lagging pairs; state_dicts that move between the routes; the build cache;
-and the fallback where no C compiler exists."""
+"""The fused kernels of LoRA-RITE (kernels/lora_rite_cpu.c, and kernels/lora_rite_cuda.cu on a CUDA device)
+against their reference, the batched torch route: the same trajectories and state over many steps, ranks and
+shapes (vector tails included), from the singular B = 0 start, with weight decay and lagging pairs; state_dicts
+that move between the routes; the build cache; and the fallback where no C compiler exists."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(12, 10, 3), (12, 10, 3), (40, 33, 8), (9, 17, 1), (19, 19, 4), (37, 21, 16), (6, 6, 2), (64, 48, 5)]
 # (out, in, r): a two-pair bucket, rank 8 with vector tails (33 = 4·8 + 1), rank 1, in == out, rank 16, odd ranks
 ROWS = 24  # inputs per loss: more than any rank, so that no gradient is rank-deficient (see the float32 test)
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=ON_CUDA)]
 
 
 def _pairs(dtype: torch.dtype, zero_b: bool, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -36,16 +38,18 @@ def _grads(pairs, targets, xs):
     out = []
     for (a, b), t, x in zip(pairs, targets, xs, strict=True):
         a, b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
-        ((x.to(a.dtype) @ (b @ a - t.to(a.dtype)).T) ** 2).mean().backward()
+        x, t = x.to(a.device, a.dtype), t.to(a.device, a.dtype)
+        ((x @ (b @ a - t).T) ** 2).mean().backward()
         out.append((a.grad, b.grad))
     return out
 
 
-def _run(implementation: str, dtype: torch.dtype, zero_b: bool, wd: float, steps: int, skip=lambda step, k: False):
+def _run(implementation: str, dtype: torch.dtype, zero_b: bool, wd: float, steps: int, skip=lambda step, k: False,
+         device: str = "cpu"):
     g = torch.Generator().manual_seed(1)
     targets = [torch.randn(o, i, generator=g, dtype=torch.float64) for o, i, _ in SHAPES]
     xs = [torch.randn(ROWS, i, generator=g, dtype=torch.float64) for _, i, _ in SHAPES]
-    params = [(a.requires_grad_(), b.requires_grad_()) for a, b in _pairs(dtype, zero_b)]
+    params = [(a.to(device).requires_grad_(), b.to(device).requires_grad_()) for a, b in _pairs(dtype, zero_b)]
     opt = LoRARITE([{"params": [a, b]} for a, b in params], lr=0.02, weight_decay=wd, implementation=implementation)
     for step in range(steps):
         for k, ((a, b), (ga, gb)) in enumerate(zip(params, _grads(params, targets, xs), strict=True)):
@@ -58,21 +62,24 @@ def _lags(step: int, k: int) -> bool:
     return step in (2, 3) and k == 1  # pair 1 gets no gradient twice: it lags two steps behind the others
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("zero_b", [False, True])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_fused_kernel_matches_the_torch_route_in_float64(zero_b: bool, wd: float) -> None:
+def test_fused_kernel_matches_the_torch_route_in_float64(zero_b: bool, wd: float, device: str) -> None:
     """Factors to rounding after 12 steps. The state too where it is unique: R⁻¹ from the eigendecomposition
     pseudo-inverse (B = 0 at the start) is defined up to an orthogonal basis change (eigenvector signs), which
     the algorithm is invariant to but the basis-dependent moments are not; there only ρ (basis-free) is compared."""
-    ref_params, ref = _run("torch", torch.float64, zero_b, wd, 12, _lags)
-    params, opt = _run("fused", torch.float64, zero_b, wd, 12, _lags)
+    ref_params, ref = _run("torch", torch.float64, zero_b, wd, 12, _lags, device)
+    params, opt = _run("fused", torch.float64, zero_b, wd, 12, _lags, device)
+    assert opt.routes == frozenset({"fused"})
     moved = 0.0
     keys = ("step", "history", "escaped") if zero_b else ("step", "exp_avg", "exp_avg_sq", "escaped", "history",
                                                           "prev_rinv")
     for (a, b), (ra, rb), (a0, b0) in zip(params, ref_params, _pairs(torch.float64, zero_b), strict=True):
+        assert a.device.type == device
         torch.testing.assert_close(a.detach(), ra.detach(), rtol=1e-8, atol=1e-9)
         torch.testing.assert_close(b.detach(), rb.detach(), rtol=1e-8, atol=1e-9)
-        moved = max(moved, (a.detach() - a0).abs().max().item(), (b.detach() - b0).abs().max().item())
+        moved = max(moved, (a.detach().cpu() - a0).abs().max().item(), (b.detach().cpu() - b0).abs().max().item())
         for p, rp in ((a, ra), (b, rb)):
             v_scale = ref.state[rp]["exp_avg_sq"].abs().max().item()
             for key in keys:
@@ -85,9 +92,9 @@ def test_fused_kernel_matches_the_torch_route_in_float64(zero_b: bool, wd: float
     assert opt.state[params[1][0]]["step"].item() == 10 and opt.state[params[0][0]]["step"].item() == 12
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("threads", "device"), [(1, "cpu"), (2, "cpu"), pytest.param(1, "cuda", marks=ON_CUDA)])
 @pytest.mark.parametrize("zero_b", [False, True])
-def test_fused_kernel_in_float32_is_as_accurate_as_the_torch_route(zero_b: bool, threads: int) -> None:
+def test_fused_kernel_in_float32_is_as_accurate_as_the_torch_route(zero_b: bool, threads: int, device: str) -> None:
     """float32 (Grams accumulated in float32 by both routes): each route's distance to the float64 trajectory
     from the same start, measured on W = B A (the factors of an ill-conditioned pair may drift apart in
     equivalent ways). With fewer inputs than the rank the gradients are exactly rank-deficient, and float32
@@ -95,10 +102,10 @@ def test_fused_kernel_in_float32_is_as_accurate_as_the_torch_route(zero_b: bool,
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the gradients' rounding, hence the trajectories, depend on it
     try:
-        exact, _ = _run("torch", torch.float64, zero_b, 0.01, 12, _lags)
+        exact, _ = _run("torch", torch.float64, zero_b, 0.01, 12, _lags, device)
         errors = {}
         for implementation in ("torch", "fused"):
-            params, _ = _run(implementation, torch.float32, zero_b, 0.01, 12, _lags)
+            params, _ = _run(implementation, torch.float32, zero_b, 0.01, 12, _lags, device)
             errors[implementation] = [
                 ((b.detach().double() @ a.detach().double()) - eb.detach() @ ea.detach()).abs().max().item()
                 / (eb.detach() @ ea.detach()).abs().max().item()
@@ -110,15 +117,16 @@ def test_fused_kernel_in_float32_is_as_accurate_as_the_torch_route(zero_b: bool,
         assert mine < 1e-4, (SHAPES[k], mine)
 
 
-def test_a_state_dict_moves_between_the_routes() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_state_dict_moves_between_the_routes(device: str) -> None:
     """Trained with the torch route, saved, loaded into the fused kernel (and back): the same next steps."""
     dtype = torch.float64
-    params, opt = _run("torch", dtype, zero_b=True, wd=0.05, steps=3)
+    params, opt = _run("torch", dtype, zero_b=True, wd=0.05, steps=3, device=device)
     saved = copy.deepcopy(opt.state_dict())
     start = [(a.detach().clone(), b.detach().clone()) for a, b in params]
     g = torch.Generator().manual_seed(5)
-    grads = [[(torch.randn(a.shape, generator=g, dtype=dtype), torch.randn(b.shape, generator=g, dtype=dtype))
-              for a, b in params] for _ in range(3)]
+    grads = [[(torch.randn(a.shape, generator=g, dtype=dtype).to(device),
+               torch.randn(b.shape, generator=g, dtype=dtype).to(device)) for a, b in params] for _ in range(3)]
     results = {}
     for first, second in (("torch", "fused"), ("fused", "torch"), ("torch", "torch")):
         ps = [(a.clone().requires_grad_(), b.clone().requires_grad_()) for a, b in start]
@@ -209,15 +217,16 @@ def test_a_state_that_does_not_fit_the_factors_is_refused_not_written_through() 
         opt.step()
 
 
-def _same_shape_pairs(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _same_shape_pairs(n: int, seed: int, device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 33, generator=g).requires_grad_(), torch.randn(40, 8, generator=g).requires_grad_())
-            for _ in range(n)]
+    return [(torch.randn(8, 33, generator=g).to(device).requires_grad_(),
+             torch.randn(40, 8, generator=g).to(device).requires_grad_()) for _ in range(n)]
 
 
 def _fresh_grads(pairs, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(100 + step)  # new tensors every step, as backward() makes them
-    return [(torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)) for a, b in pairs]
+    return [(torch.randn(a.shape, generator=g).to(a.device), torch.randn(b.shape, generator=g).to(b.device))
+            for a, b in pairs]
 
 
 HYPER = [{"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0},
@@ -225,10 +234,11 @@ HYPER = [{"lr": 0.01, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0},
          {"lr": 0.002, "betas": (0.95, 0.9999), "eps": 1e-4, "weight_decay": 0.01}]
 
 
-def test_pairs_with_their_own_hyper_parameters_share_one_call_and_step_as_they_would_alone() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_pairs_with_their_own_hyper_parameters_share_one_call_and_step_as_they_would_alone(device: str) -> None:
     """Per-pair lr, betas, eps and weight decay (an lr schedule included) in one kernel call: bit-for-bit the
     steps of each pair in an optimizer of its own (the lanes of the kernel's r×r algebra are independent)."""
-    together = _same_shape_pairs(3, seed=3)
+    together = _same_shape_pairs(3, seed=3, device=device)
     alone = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in together]
     opt = LoRARITE([{"params": [a, b], **h} for (a, b), h in zip(together, HYPER, strict=True)],
                    implementation="fused")
@@ -252,10 +262,11 @@ def test_pairs_with_their_own_hyper_parameters_share_one_call_and_step_as_they_w
         assert torch.equal(a, ra) and torch.equal(b, rb)
 
 
-def test_the_repeated_call_gives_way_whenever_what_it_relies_on_changes() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_repeated_call_gives_way_whenever_what_it_relies_on_changes(device: str) -> None:
     """Steps with a missing gradient, a factor whose storage was replaced, a non-contiguous gradient: the same
     factors, bit for bit, as an optimizer that takes the general path at every step."""
-    pairs = _same_shape_pairs(3, seed=4)
+    pairs = _same_shape_pairs(3, seed=4, device=device)
     ref_pairs = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in pairs]
     opt, ref = (LoRARITE([p for pair in ps for p in pair], lr=0.01, implementation="fused")
                 for ps in (pairs, ref_pairs))
@@ -267,7 +278,7 @@ def test_the_repeated_call_gives_way_whenever_what_it_relies_on_changes() -> Non
                 if step == 4 and k == 1:
                     a.grad = None  # pair 1 sits this step out
                 if step == 6 and k == 2:  # the same values, strided
-                    a.grad = torch.empty(a.shape[::-1]).t().copy_(ga)
+                    a.grad = torch.empty(a.shape[::-1], device=a.device).t().copy_(ga)
                     assert not a.grad.is_contiguous()
             if step == 2:
                 ps[0][0].data = ps[0][0].data.clone()  # new storage, same values
